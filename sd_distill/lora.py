@@ -1,0 +1,120 @@
+"""Attach, toggle, export and load the student's LoRA adapter (peft under diffusers)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+# Attention projections of every transformer block: the usual diffusers LoRA targets.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def attach_lora(
+    unet: torch.nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+) -> list[torch.nn.Parameter]:
+    """Freeze ``unet``, add a LoRA adapter and return its (trainable) parameters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no UNet module matched --lora_target_modules {list(target_modules)}")
+    return params
+
+
+def lora_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Named LoRA parameters of ``unet`` (whether or not the adapter is enabled)."""
+    return {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the base UNet (the teacher): the adapter is off inside, and on again afterwards.
+
+    peft's ``enable_adapters`` also restores ``requires_grad`` of the LoRA weights, which
+    disabling clears; the ``finally`` makes sure that happens even if the teacher pass raises.
+    """
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def adapter_is_enabled(unet: torch.nn.Module) -> bool:
+    """True when no LoRA layer of ``unet`` has its adapter disabled."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return all(not m.disable_adapters for m in unet.modules() if isinstance(m, BaseTunerLayer))
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in the diffusers LoRA format (``unet.``-prefixed keys), on the CPU.
+
+    Under DeepSpeed ZeRO-3 the LoRA weights are partitioned across ranks; call this on every
+    rank, it gathers just the adapter (not the frozen base) before reading it.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    with _gathered(list(lora_parameters(unet).values())):
+        state = get_peft_model_state_dict(unet)
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    return convert_state_dict_to_diffusers(state)
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Gather ZeRO-3-partitioned ``params`` for reading; a no-op for ordinary tensors."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def save_lora(state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Write ``state`` (from :func:`lora_state_dict`) as ``folder/pytorch_lora_weights.safetensors``,
+    the file ``StableDiffusionPipeline.load_lora_weights(folder)`` reads."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
+    )
+    return folder / LORA_WEIGHTS_NAME
+
+
+def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path) -> None:
+    """Copy the adapter saved in ``folder`` into ``unet``'s existing (attached) adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / LORA_WEIGHTS_NAME))
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
+    state = convert_unet_state_dict_to_peft(state)
+    with _gathered(list(lora_parameters(unet).values())):
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights in {folder} do not fit this UNet: {unexpected[:3]} …")

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline folder (no hub) and a trained-looking LoRA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny ``StableDiffusionPipeline`` folder (epsilon prediction)."""
+    from sd_distill.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline with a v-prediction scheduler."""
+    from sd_distill.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA folder as training writes it, with non-zero weights (peft zero-inits ``B``,
+    so an untrained adapter would change nothing and prove nothing)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    params = attach_lora(unet, rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+    folder = tmp_path_factory.mktemp("tiny-lora")
+    save_lora(lora_state_dict(unet), folder)
+    (folder / "sd_distill_config.json").write_text(
+        json.dumps({"pretrained_model_name_or_path": str(tiny_model_dir), "guidance_scale": 7.5, "lora_rank": 4})
+    )
+    return folder
