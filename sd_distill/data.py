@@ -1,0 +1,320 @@
+"""Training data from anywhere the ``datasets`` library reads: hub ids, image folders with
+metadata, parquet/arrow/json/csv files (e.g. DiffusionDB), streamed or not.
+
+Images are decoded lazily, one row at a time. Rows whose image cannot be decoded are found
+before training (map-style sets) or skipped as they stream by, and counted; they never crash a run.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import DATA_SUFFIXES, ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "jpg", "png", "pixel_values", "file_name", "image_path", "path")
+CAPTION_COLUMN_CANDIDATES = ("text", "prompt", "caption", "captions", "sentence", "txt", "description")
+_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and column resolution
+# ------------------------------------------------------------------------------------------------
+def load_table(config: TrainConfig) -> Any:
+    """The raw ``datasets`` table (``Dataset`` or ``IterableDataset``) named by the config."""
+    import datasets
+
+    kw: dict[str, Any] = {"streaming": config.streaming}
+    if config.train_data_dir is not None:
+        ds = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, **kw)
+    else:
+        name = config.dataset_name
+        assert name is not None
+        path = Path(os.path.expanduser(name))
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
+        elif path.is_dir() and not _data_files_in(path):
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), **kw)
+        elif path.is_dir():
+            files = _data_files_in(path)
+            ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
+        elif Path(name).suffix in DATA_SUFFIXES or glob.glob(os.path.expanduser(name)):
+            files = sorted(glob.glob(os.path.expanduser(name)))
+            ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
+        else:
+            ds = datasets.load_dataset(name, config.dataset_config_name, **kw)
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    if config.max_train_samples is not None:
+        ds = ds.take(config.max_train_samples) if config.streaming else ds.select(range(min(config.max_train_samples, len(ds))))
+    return ds
+
+
+def _data_files_in(folder: Path) -> list[str]:
+    """Tabular data files directly in ``folder`` (all of the most common suffix), sorted."""
+    for suffix in (".parquet", ".arrow"):
+        files = sorted(str(p) for p in folder.glob(f"*{suffix}"))
+        if files:
+            return files
+    return []
+
+
+def resolve_columns(column_names: list[str], image_column: str | None, caption_column: str | None) -> tuple[str, str]:
+    """Pick the image and caption columns, or raise one error listing the columns there are."""
+    errors = []
+    chosen = []
+    for given, candidates, what, flag in (
+        (image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column"),
+        (caption_column, CAPTION_COLUMN_CANDIDATES, "caption", "--caption_column"),
+    ):
+        if given is not None:
+            if given not in column_names:
+                errors.append(f"{flag} {given!r} is not a column of the dataset; its columns are {column_names}.")
+            chosen.append(given)
+            continue
+        found = next((c for c in candidates if c in column_names), None)
+        if found is None:
+            errors.append(f"no {what} column found (looked for {list(candidates)}); its columns are {column_names}; name one with {flag}.")
+        chosen.append(found or "")
+    if errors:
+        raise ConfigError("invalid dataset:\n  - " + "\n  - ".join(errors))
+    return chosen[0], chosen[1]
+
+
+def _prepare_image_column(table: Any, image_column: str) -> Any:
+    """Turn automatic image decoding off: we decode ourselves so a broken image is one bad row."""
+    import datasets
+
+    feature = table.features.get(image_column) if table.features is not None else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding and transforms
+# ------------------------------------------------------------------------------------------------
+def decode_image(value: Any, root: str | None = None) -> Image.Image | None:
+    """An RGB PIL image from a dataset cell (bytes/path dict, path string, raw bytes or PIL image);
+    ``None`` when it cannot be decoded or is empty. Greyscale, CMYK, palette, alpha and 16-bit
+    images are converted."""
+    try:
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            img = Image.open(io.BytesIO(data)) if data else Image.open(_join(root, path))
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            img = Image.open(_join(root, value))
+        elif isinstance(value, Image.Image):
+            img = value
+        else:
+            return None
+        img.load()
+        if img.width == 0 or img.height == 0:
+            return None
+        return to_rgb(img)
+    except Exception:  # any decoder failure (truncated, not an image, missing file) is a bad row
+        return None
+
+
+def _join(root: str | None, path: str) -> str:
+    return path if root is None or os.path.isabs(path) else os.path.join(root, path)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white and high bit depths scaled, not clipped."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.max() > 255:
+            arr = arr * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def image_to_tensor(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, maybe flip; ``[3, R, R]`` in [-1, 1]."""
+    scale = resolution / min(img.width, img.height)
+    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [R, R, 3]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def clean_caption(value: Any) -> tuple[str, bool]:
+    """``(caption, was_bad)``: empty or non-string captions become the empty prompt."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        value = value[0]  # several captions per image: take the first, deterministically
+    if isinstance(value, str) and value.strip():
+        return value.strip(), False
+    return "", True
+
+
+# ------------------------------------------------------------------------------------------------
+# torch datasets
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DataSpec:
+    image_column: str
+    caption_column: str
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    seed: int
+    root: str | None = None
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Map-style view over the readable rows of a table. Augmentation draws from a generator
+    seeded by ``(seed, epoch, row)``, so a resumed run sees exactly the same crops and flips."""
+
+    def __init__(self, table: Any, rows: list[int], spec: DataSpec) -> None:
+        self.table, self.rows, self.spec, self.epoch = table, rows, spec, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row_index = self.rows[i]
+        return {**self.example(self.table[row_index], row_index, self.epoch), "index": i}
+
+    def caption(self, i: int) -> str:
+        return clean_caption(self.table[self.rows[i]][self.spec.caption_column])[0]
+
+    def example(self, row: dict[str, Any], row_index: int, epoch: int) -> dict[str, Any]:
+        s = self.spec
+        img = decode_image(row[s.image_column], s.root)
+        if img is None:  # readable at scan time; unreadable now means the files changed under us
+            raise RuntimeError(f"row {row_index}: image became unreadable during training")
+        rng = random.Random(hash((s.seed, epoch, row_index)))
+        caption, _ = clean_caption(row[s.caption_column])
+        return {
+            "pixel_values": image_to_tensor(img, s.resolution, s.center_crop, s.random_flip, rng),
+            "caption": caption,
+        }
+
+
+class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
+    """Iterable view over a streamed table that skips (and counts) unreadable rows as it goes."""
+
+    def __init__(self, table: Any, spec: DataSpec) -> None:
+        self.table, self.spec, self.epoch = table, spec, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        bad = 0
+        for i, row in enumerate(self.table):
+            img = decode_image(row[s.image_column], s.root)
+            if img is None:
+                bad += 1
+                continue
+            caption, _ = clean_caption(row[s.caption_column])
+            rng = random.Random(hash((s.seed, self.epoch, i)))
+            yield {
+                "pixel_values": image_to_tensor(img, s.resolution, s.center_crop, s.random_flip, rng),
+                "caption": caption,
+                "index": i,
+                "bad_rows_before": bad,
+            }
+            bad = 0
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"caption": [e["caption"] for e in examples], "index": torch.tensor([e["index"] for e in examples])}
+    for key in ("pixel_values", "latents", "text_embeddings"):
+        if key in examples[0]:
+            batch[key] = torch.stack([e[key] for e in examples])
+    batch["bad_rows"] = sum(e.get("bad_rows_before", 0) for e in examples)
+    return batch
+
+
+@dataclass
+class ScanReport:
+    rows: list[int]
+    bad_images: int
+    bad_captions: int
+    total: int
+
+
+def scan_rows(table: Any, image_column: str, caption_column: str, root: str | None, show_progress: bool) -> ScanReport:
+    """Decode every image once (not kept) to find the rows that can be trained on."""
+    from tqdm.auto import tqdm
+
+    good: list[int] = []
+    bad_images = bad_captions = 0
+    for i in tqdm(range(len(table)), desc="checking images", disable=not show_progress, leave=False):
+        row = table[i]
+        if decode_image(row[image_column], root) is None:
+            bad_images += 1
+            continue
+        bad_captions += clean_caption(row[caption_column])[1]
+        good.append(i)
+    return ScanReport(good, bad_images, bad_captions, len(table))
+
+
+@dataclass
+class TrainData:
+    dataset: torch.utils.data.Dataset
+    spec: DataSpec
+    scan: ScanReport | None  # None for streamed data (counted on the fly)
+    num_rows: int | None
+
+
+def build_train_data(config: TrainConfig, show_progress: bool = True) -> TrainData:
+    """Load the table, resolve columns, drop unreadable rows; raises ConfigError on bad data."""
+    table = load_table(config)
+    names = list(table.column_names or (table.features.keys() if table.features else []))
+    if config.streaming and not names:
+        names = list(next(iter(table)).keys())
+    image_column, caption_column = resolve_columns(names, config.image_column, config.caption_column)
+    table = _prepare_image_column(table, image_column)
+    root = config.train_data_dir or (config.dataset_name if config.dataset_name and os.path.isdir(config.dataset_name) else None)
+    spec = DataSpec(image_column, caption_column, config.resolution, config.center_crop, config.random_flip, config.seed or 0, root)
+    if config.streaming:
+        return TrainData(StreamingImageCaptionDataset(table, spec), spec, None, None)
+    if len(table) == 0:
+        raise ConfigError(f"the dataset is empty: {config.train_data_dir or config.dataset_name!r} has no rows.")
+    scan = scan_rows(table, image_column, caption_column, root, show_progress)
+    fraction = scan.bad_images / scan.total
+    if scan.bad_images:
+        logger.warning("skipping %d of %d rows whose image cannot be decoded", scan.bad_images, scan.total)
+    if scan.bad_captions:
+        logger.warning("%d rows have an empty or non-text caption; they train on the empty prompt", scan.bad_captions)
+    if not scan.rows or fraction > config.max_bad_fraction:
+        raise ConfigError(
+            f"{scan.bad_images} of {scan.total} images ({fraction:.0%}) cannot be decoded, more than "
+            f"--max_bad_fraction {config.max_bad_fraction}; check --image_column {image_column!r} and the files."
+        )
+    return TrainData(ImageCaptionDataset(table, scan.rows, spec), spec, scan, len(scan.rows))

@@ -1,0 +1,76 @@
+"""The classifier-free-guidance target and the batched teacher pass: pure math, no training state.
+
+Shapes: ``x_t`` latents ``[B, C, h, w]``, ``t`` timesteps ``[B]``, text embeddings ``[B, L, D]``,
+guidance scale ``w`` a float or ``[B]`` (per-sample, so a student conditioned on ``w`` needs no
+new math).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def cfg_target(uncond: torch.Tensor, cond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+    """``u + w (c - u)``; linear in the prediction, so it holds for epsilon and v prediction alike."""
+    w = torch.as_tensor(w, dtype=cond.dtype, device=cond.device)
+    if w.ndim == 1:  # [B] -> [B, 1, 1, 1] to broadcast over the latent dims
+        w = w.view(-1, *([1] * (cond.ndim - 1)))
+    return uncond + w * (cond - uncond)
+
+
+@torch.no_grad()
+def teacher_cfg_prediction(
+    unet: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond_emb: torch.Tensor,
+    uncond_emb: torch.Tensor,
+    w: float | torch.Tensor,
+    **unet_kwargs: Any,
+) -> torch.Tensor:
+    """The teacher's guided prediction with ONE forward of batch ``2B``: ``[∅; c]``.
+
+    ``uncond_emb`` may be ``[1, L, D]`` (the empty prompt, computed once) and is expanded to ``B``.
+    """
+    batch = x_t.shape[0]
+    uncond_emb = uncond_emb.expand(batch, -1, -1)
+    out = unet(
+        torch.cat([x_t, x_t]),  # [2B, C, h, w]
+        torch.cat([t, t]),
+        encoder_hidden_states=torch.cat([uncond_emb, cond_emb]).to(x_t.dtype),  # [2B, L, D]
+        return_dict=False,
+        **unet_kwargs,
+    )[0]
+    uncond, cond = out.float().chunk(2)  # each [B, C, h, w]
+    return cfg_target(uncond, cond, w)
+
+
+def sample_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """Uniform training timesteps ``[B]`` in ``[0, T)``: the sampler, kept apart so that few-step
+    students can swap in their own."""
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device).to(device)
+
+
+def distillation_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.001) -> torch.Tensor:
+    """Per-sample loss ``[B]`` (float32) between the student's and the teacher's predictions."""
+    diff = student.float() - target.float()
+    if kind == "mse":
+        return diff.pow(2).flatten(1).mean(1)
+    if kind == "huber":
+        return (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c).flatten(1).mean(1)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def min_snr_weights(noise_scheduler: Any, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights ``[B]`` (Hang et al. 2023), for epsilon or v targets."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_distill.guidance import cfg_target, distillation_loss, teacher_cfg_prediction
+
+
+def test_cfg_target_matches_hand_computed_values() -> None:
+    u = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    c = torch.tensor([[3.0, 2.0], [1.0, 1.0]])
+    # u + 7.5 (c - u): [1 + 7.5*2, 2 + 0], [0 + 7.5*1, -1 + 7.5*2]
+    expected = torch.tensor([[16.0, 2.0], [7.5, 14.0]])
+    assert torch.equal(cfg_target(u, c, 7.5), expected)
+
+
+def test_cfg_target_accepts_a_per_sample_scale() -> None:
+    u = torch.zeros(2, 4, 3, 3)
+    c = torch.ones(2, 4, 3, 3)
+    out = cfg_target(u, c, torch.tensor([1.0, 3.0]))
+    assert torch.equal(out[0], torch.ones(4, 3, 3))
+    assert torch.equal(out[1], torch.full((4, 3, 3), 3.0))
+
+
+def test_guidance_one_is_the_conditional_prediction() -> None:
+    u, c = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.allclose(cfg_target(u, c, 1.0), c)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_vpred_model_dir"])
+def test_batched_teacher_pass_equals_two_separate_passes(fixture: str, request: pytest.FixtureRequest) -> None:
+    from diffusers import UNet2DConditionModel
+
+    folder: Path = request.getfixturevalue(fixture)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 900])
+    cond = torch.randn(2, 77, 16, generator=g)
+    uncond = torch.randn(1, 77, 16, generator=g)
+    batched = teacher_cfg_prediction(unet, x, t, cond, uncond, 7.5)
+    with torch.no_grad():
+        u = unet(x, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+        c = unet(x, t, encoder_hidden_states=cond).sample
+    assert torch.allclose(batched, u + 7.5 * (c - u), atol=1e-5)
+
+
+def test_huber_and_mse_losses_are_zero_only_at_equality() -> None:
+    a = torch.randn(2, 4, 3, 3)
+    for kind in ("mse", "huber"):
+        assert distillation_loss(a, a, kind).abs().max().item() == pytest.approx(0.0, abs=1e-9)
+        assert distillation_loss(a, a + 1, kind).shape == (2,)
+        assert distillation_loss(a, a + 1, kind).min().item() > 0.5
