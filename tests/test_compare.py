@@ -1,0 +1,229 @@
+"""The comparison loop on the tiny pipeline: columns equal stock diffusers, UNet passes are counted,
+outputs are complete and safe, 2 processes give the grid of 1, and the CLI fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_distill.compare import CompareConfig, run
+from sd_distill.grid import grid_size
+from sd_distill.prompts import read_prompts_file, slugify
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "inf_txt2img_loop.py"
+STEPS = 2
+SEED = 7
+TOL = 3  # uint8 levels: fused vs unfused LoRA, batched vs not, 2 processes vs 1 (float error only)
+LONG = "x" * 300
+PROMPTS = ["a cat", "a dog/../../etc 'quoted' \"double\" \\ back", LONG]
+REPORT_KEYS = {
+    "prompts", "seed", "num_inference_steps", "guidance_scale", "ft_guidance_scale", "models", "device",
+    "dtype", "scheduler", "height", "width", "columns", "speed_ratio_distilled_over_base", "fidelity",
+    "clip_score", "grid", "images", "num_processes",
+}
+COLUMN_KEYS = {"key", "guidance_scale", "seconds_per_image_median", "unet_evals_per_image", "peak_memory_mb"}
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    OpenMP threads made each 32 px image 10-50x slower (0.08 s -> 1-5 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _img(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model_dir: Path, tiny_lora_dir: Path):
+    """``stock(prompt, guidance, lora)``: what stock diffusers pipelines render with the loop's arguments."""
+    from diffusers import StableDiffusionPipeline
+
+    pipes = {}
+    for lora in (False, True):
+        pipes[lora] = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        pipes[lora].set_progress_bar_config(disable=True)
+    pipes[True].load_lora_weights(tiny_lora_dir)  # unfused, the way users load it
+
+    def render(prompt: str, guidance: float, lora: bool = False) -> np.ndarray:
+        generator = torch.Generator("cpu").manual_seed(SEED)
+        out = pipes[lora](prompt, num_inference_steps=STEPS, guidance_scale=guidance, generator=generator)
+        return np.asarray(out.images[0].convert("RGB")).astype(np.int16)
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    config = CompareConfig(
+        ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=PROMPTS, seed=SEED,
+        num_inference_steps=STEPS, also_base_without_cfg=True,
+    )
+    return run(config), out
+
+
+def _files(report: dict, out: Path, column: str) -> list[Path]:
+    return [out / entry["files"][column] for entry in report["images"]]
+
+
+def test_columns_equal_stock_diffusers(main_run, stock, tiny_model_dir: Path) -> None:
+    report, out = main_run
+    assert report["models"]["b_model"] == str(tiny_model_dir)  # the base recorded in the LoRA folder
+    assert report["guidance_scale"] == 7.5 and report["guidance_scale_source"] == "recorded"
+    base, distilled, nocfg = (_files(report, out, k) for k in ("base_cfg", "distilled", "base_nocfg"))
+    for i, prompt in enumerate(PROMPTS[:2]):
+        assert np.array_equal(_img(base[i]), stock(prompt, 7.5))
+        assert np.array_equal(_img(nocfg[i]), stock(prompt, 1.0))
+        # Fused LoRA vs stock unfused: float error only (a few levels at most) ...
+        stock_lora = stock(prompt, 1.0, lora=True)
+        assert np.abs(_img(distilled[i]) - stock_lora).max() <= TOL
+        # ... while a missing LoRA would be far off.
+        assert np.abs(_img(nocfg[i]) - stock_lora).max() > 4 * TOL
+
+
+def test_unet_evaluations_are_counted(main_run) -> None:
+    report, _ = main_run
+    cols = {c["key"]: c for c in report["columns"]}
+    assert cols["base_cfg"]["unet_evals_per_image"] == 2 * STEPS
+    assert cols["distilled"]["unet_evals_per_image"] == STEPS
+    assert cols["base_nocfg"]["unet_evals_per_image"] == STEPS
+    assert cols["distilled"]["unet_evals_per_step"] == 1.0 and cols["base_cfg"]["unet_evals_per_step"] == 2.0
+
+
+def test_outputs_grid_files_and_report(main_run) -> None:
+    report, out = main_run
+    grid = Image.open(out / "grid.png")
+    assert grid.size == grid_size(len(PROMPTS), 3, 32, 32)
+    assert grid.size[0] == 3 * 192  # 32 px images are shown 6x larger
+    saved = {p.resolve() for p in out.rglob("*.png")} - {(out / "grid.png").resolve()}
+    assert len(saved) == 3 * len(PROMPTS)
+    for path in saved:
+        assert out.resolve() in path.parents
+        assert re.fullmatch(r"\d{3}_[a-z0-9-]{1,60}\.png", path.name), path.name
+    on_disk = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(on_disk) and on_disk == json.loads(json.dumps(report))
+    assert all(COLUMN_KEYS <= set(c) for c in on_disk["columns"])
+    assert on_disk["prompts"] == PROMPTS and on_disk["seed"] == SEED and on_disk["num_inference_steps"] == STEPS
+    assert on_disk["device"] == "cpu" and on_disk["dtype"] == "fp32" and on_disk["num_processes"] == 1
+    assert on_disk["speed_ratio_distilled_over_base"] > 0
+    fid = on_disk["fidelity"]["distilled_vs_base_cfg"]
+    assert fid["psnr"] > 0 and 0 < fid["ssim"] <= 1
+    assert "lpips" in fid and (fid["lpips"] is not None or fid["lpips_reason"])
+    assert on_disk["clip_score"]["value"] is None and on_disk["clip_score"]["reason"]
+    assert (out / "report.md").read_text().count("|") > 10
+
+
+def test_unfused_lora_and_batching_keep_images(main_run, stock, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    report, out = main_run
+    config = CompareConfig(
+        ft_model=str(tiny_lora_dir), out_dir=str(tmp_path), prompts=PROMPTS[:2], seed=SEED,
+        num_inference_steps=STEPS, fuse_lora=False, batch_size=2,
+    )
+    batched = run(config)
+    assert batched["models"]["lora_fused"] is False
+    first = _img(tmp_path / batched["images"][0]["files"]["distilled"])
+    assert np.abs(first - stock(PROMPTS[0], 1.0, lora=True)).max() <= 1
+    for column in ("base_cfg", "distilled"):
+        for new, old in zip(_files(batched, tmp_path, column), _files(report, out, column)):
+            assert np.abs(_img(new) - _img(old)).max() <= TOL  # batch of 2 vs 1: float error only
+
+
+def test_fused_pipeline_folder(main_run, tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(tiny_lora_dir)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "fused")
+    report = run(CompareConfig(
+        ft_model=str(tmp_path / "fused"), b_model=str(tiny_model_dir), out_dir=str(tmp_path / "out"),
+        prompts=PROMPTS[:1], seed=SEED, num_inference_steps=STEPS,
+    ))
+    assert report["models"]["ft_kind"] == "pipeline"
+    got = _img(tmp_path / "out" / report["images"][0]["files"]["distilled"])
+    report1, out1 = main_run  # the LoRA folder's distilled image of the same prompt and seed
+    assert np.abs(got - _img(out1 / report1["images"][0]["files"]["distilled"])).max() <= TOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    report, out = main_run
+    # `accelerate launch --cpu` spawns one process unless MPI is set up; --multi_gpu launches
+    # 2 torchrun workers, and with no CUDA the loop's PartialState(cpu=True) uses gloo on the CPU.
+    cmd = [
+        str(REPO / ".venv/bin/accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(CLI), "--ft_model", str(tiny_lora_dir), "--out_dir", str(tmp_path), "--seed", str(SEED),
+        "--num_inference_steps", str(STEPS), "--also_base_without_cfg", "--prompts", *PROMPTS,
+    ]
+    if not Path(cmd[0]).exists():
+        cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "report.json").read_text())
+    assert two["num_processes"] == 2
+    assert two["images"] == report["images"]  # same names, same order
+    assert np.abs(_img(tmp_path / "grid.png") - _img(out / "grid.png")).max() <= TOL
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(CLI), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+
+
+def test_cli_errors_are_one_clean_message(tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    missing = _cli("--ft_model", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o"))
+    empty_file = tmp_path / "prompts.txt"
+    empty_file.write_text("# only a comment\n\n   \n")
+    empty = _cli("--ft_model", str(tiny_lora_dir), "--prompts_file", str(empty_file), "--out_dir", str(tmp_path / "o"))
+    orphan = tmp_path / "orphan-lora"  # LoRA weights, but no recorded base and no --b_model
+    orphan.mkdir()
+    (orphan / "pytorch_lora_weights.safetensors").write_bytes((tiny_lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    (orphan / "sd_distill_config.json").write_text(json.dumps({"guidance_scale": 7.5, "lora_rank": 4}))
+    unknown = _cli("--ft_model", str(orphan), "--out_dir", str(tmp_path / "o"))
+    for proc, words in ((missing, "not found"), (empty, "empty"), (unknown, "--b_model")):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert words in stderr, stderr
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()  # failed before writing anything
+
+
+def test_prompt_helpers(tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("# header\nA cat\n\n  a dog  \n#x\n")
+    assert read_prompts_file(f) == ["A cat", "a dog"]
+    assert slugify("../../etc/passwd") == "etc-passwd"
+    assert slugify("'\"/\\..") == "prompt"
+    assert len(slugify(LONG)) == 60
+    assert slugify("Ünïcödé café") == "unicode-cafe"
