@@ -251,13 +251,11 @@ class UNetCounter:
     call on ``[uncond; cond]`` (2B rows) counts as two evaluations per image, as it costs."""
 
     def __init__(self, module: Any) -> None:
-        self.calls = 0
         self.rows = 0
         module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
-        self.calls += 1
         self.rows += int(sample.shape[0])
 
 
@@ -414,7 +412,7 @@ def _sample(columns: list[Column], prompts: list[str], indices: list[int], confi
     from tqdm.auto import tqdm
 
     records: list[dict[str, Any]] = []
-    stats = {c.key: {"peak_mb": 0.0} for c in columns}
+    peak_mb = {c.key: 0.0 for c in columns}  # per column, over this process's batches
     if indices:  # one uncounted warm-up image per column (allocations, kernel selection, caches)
         for c in columns:
             _render(c, [prompts[indices[0]]], config, device)
@@ -426,7 +424,7 @@ def _sample(columns: list[Column], prompts: list[str], indices: list[int], confi
                 torch.cuda.reset_peak_memory_stats(device)
             rows = c.counter.rows
             images, seconds = _render(c, [prompts[i] for i in batch], config, device)
-            stats[c.key]["peak_mb"] = max(stats[c.key]["peak_mb"], _peak_memory_mb(device))
+            peak_mb[c.key] = max(peak_mb[c.key], _peak_memory_mb(device))
             for i, image in zip(batch, images):
                 records.append({
                     "index": i,
@@ -434,7 +432,7 @@ def _sample(columns: list[Column], prompts: list[str], indices: list[int], confi
                     "image": np.asarray(image.convert("RGB")),
                     "seconds": seconds / len(batch),
                     "unet_evals": (c.counter.rows - rows) / len(batch),
-                    "peak_mb": stats[c.key]["peak_mb"],
+                    "peak_mb": peak_mb[c.key],
                 })
         bar.update(len(batch))
     bar.close()
