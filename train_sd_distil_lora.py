@@ -13,11 +13,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from sd_distill.config import ConfigError, parse_args
+    from sd_distill.train import TrainingError, run
 
     try:
         config = parse_args(argv)
-        from sd_distill.train import TrainingError, run
-
         stats = run(config)
     except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,8 +32,8 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+    def select_epoch(self, epoch: int) -> None:
+        self.base.select_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.latents is None:

@@ -33,7 +33,26 @@ _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json"
 # Loading and column resolution
 # ------------------------------------------------------------------------------------------------
 def load_table(config: TrainConfig) -> Any:
-    """The raw ``datasets`` table (``Dataset`` or ``IterableDataset``) named by the config."""
+    """The raw ``datasets`` table (``Dataset`` or ``IterableDataset``) named by the config;
+    a dataset that cannot be read at all becomes one ConfigError naming it."""
+    source = config.train_data_dir or config.dataset_name
+    files = [p for p in glob.glob(os.path.expanduser(source or "")) if os.path.isfile(p)]
+    if files and all(os.path.getsize(p) == 0 for p in files):
+        raise ConfigError(f"the dataset is empty: {source!r} has no rows.")
+    try:
+        return _load_table(config)
+    except ConfigError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the message, not a stack
+        if isinstance(err, StopIteration) or "empty" in str(err).lower() or "at least one data file" in str(err).lower():
+            raise ConfigError(f"the dataset is empty: {source!r} has no rows (or no images).") from err
+        raise ConfigError(
+            f"could not read the dataset {source!r}: {type(err).__name__}: {err}. Give a hub id, a folder of images "
+            "with metadata.jsonl/.csv, or .parquet/.arrow/.jsonl/.csv files."
+        ) from err
+
+
+def _load_table(config: TrainConfig) -> Any:
     import datasets
 
     kw: dict[str, Any] = {"streaming": config.streaming}
@@ -200,7 +219,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def set_epoch(self, epoch: int) -> None:
+    def select_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -229,7 +248,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
     def __init__(self, table: Any, spec: DataSpec) -> None:
         self.table, self.spec, self.epoch = table, spec, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def select_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

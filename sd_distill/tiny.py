@@ -33,10 +33,12 @@ def build_tiny_pipeline(
     prediction_type: str = "epsilon",
     seed: int = 0,
     sample_size: int = 16,
+    width: int = 1,
 ) -> Path:
     """Build a complete tiny ``StableDiffusionPipeline`` and ``save_pretrained`` it to ``folder``.
 
     ``sample_size`` is the UNet's latent size; images are 2x larger (the VAE has one down block).
+    ``width`` multiplies the UNet's channels (a wider UNet makes size ratios realistic).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -45,7 +47,7 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        block_out_channels=(8, 16),
+        block_out_channels=(8 * width, 16 * width),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

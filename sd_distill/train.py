@@ -75,7 +75,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def select_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -88,8 +88,10 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 
 def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
     """Noise, timesteps and caption dropout of one micro-batch depend only on (seed, step, rank),
-    so a resumed run draws exactly what an uninterrupted one would."""
+    so a resumed run draws exactly what an uninterrupted one would. The global RNG (LoRA dropout)
+    is reseeded from the same value, since loading and iterator creation also draw from it."""
     value = ((seed * 1_000_003 + micro_step) * 4099 + rank) % (2**63)
+    torch.manual_seed(value)
     return torch.Generator(device=device).manual_seed(value)
 
 
@@ -100,7 +102,8 @@ class Stats:
     global_step: int = 0
     final_loss: float = float("nan")
     skipped_nonfinite: int = 0
-    skipped_rows: int = 0
+    skipped_rows: int = 0  # rows whose image could not be decoded
+    empty_captions: int = 0  # rows trained on the empty prompt because their caption was unusable
     steps_per_second: float = 0.0
     seconds: float = 0.0
     interrupted: bool = False
@@ -209,6 +212,7 @@ def run(config: TrainConfig) -> Stats:
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=config.train_batch_size, sampler=sampler, collate_fn=collate,
         num_workers=config.dataloader_num_workers, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),  # keeps iterator creation off the global RNG
     )
 
     # -- optimisation ----------------------------------------------------------------------------
@@ -251,6 +255,8 @@ def run(config: TrainConfig) -> Stats:
     # -- train -----------------------------------------------------------------------------------
     stop = _InterruptFlag(config.save_on_interrupt)
     stats = Stats(global_step=global_step)
+    if data.scan is not None:
+        stats.skipped_rows, stats.empty_captions = data.scan.bad_images, data.scan.bad_captions
     progress = tqdm(total=max_steps, initial=global_step, desc="distilling", disable=not accelerator.is_local_main_process)
     first_epoch = global_step // updates_per_epoch if updates_per_epoch else 0
     if updates_per_epoch:
@@ -265,9 +271,11 @@ def run(config: TrainConfig) -> Stats:
     unet.train()
     epoch = first_epoch
     while global_step < max_steps and not stop.requested:
+        # Not named set_epoch: accelerate's loader calls set_epoch(times iterated), which
+        # differs from the epoch after a resume (the resumed epoch runs in a skipping loader).
         for holder in (sampler, dataset):
-            if hasattr(holder, "set_epoch"):
-                holder.set_epoch(epoch)  # type: ignore[union-attr]
+            if hasattr(holder, "select_epoch"):
+                holder.select_epoch(epoch)  # type: ignore[union-attr]
         epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         # micro-batch counter that an uninterrupted run would have reached (seeds the step's noise)
         micro_step = epoch * batches_per_epoch + skip_batches if batches_per_epoch else global_step * config.gradient_accumulation_steps

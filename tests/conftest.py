@@ -29,6 +29,15 @@ def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline with a 4x wider UNet (~1 M parameters): big enough that a checkpoint
+    holding base weights would stand out against one holding only the adapter."""
+    from sd_distill.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("wide-sd"), width=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA folder as training writes it, with non-zero weights (peft zero-inits ``B``,
     so an untrained adapter would change nothing and prove nothing)."""

@@ -1,0 +1,30 @@
+"""Small builders shared by the training tests: datasets on disk and CLI argument lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image_folder(folder: Path, n: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """An image folder with ``metadata.jsonl`` (file_name, text): what ``--train_data_dir`` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue", "yellow"]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {colours[i % 4]} circle number {i}"}) + "\n")
+    return folder
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+        "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
+        "--checkpointing_steps", "2", "--report_to", "none", "--default_prompt", "", "--learning_rate", "1e-3",
+        *extra,
+    ]

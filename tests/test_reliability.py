@@ -1,0 +1,189 @@
+"""Bad data is skipped, non-finite losses are handled, and interrupted runs resume exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import train_args, write_image_folder
+from sd_distill.config import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _broken_folder(folder: Path) -> Path:
+    """4 good RGB rows plus every kind of awkward row a scraped dataset has."""
+    write_image_folder(folder, n=4)
+    rng = np.random.default_rng(1)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "corrupt.png").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (folder / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(folder / "deep16.png")
+    Image.new("CMYK", (40, 40), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    rows += [
+        {"file_name": "corrupt.png", "text": "a broken one"},
+        {"file_name": "truncated.png", "text": "a cut one"},
+        {"file_name": "grey.png", "text": "a grey one"},
+        {"file_name": "alpha.png", "text": ""},
+        {"file_name": "deep16.png", "text": None},
+        {"file_name": "cmyk.jpg", "text": "a cmyk one"},
+    ]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_broken_rows_are_skipped_and_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.train import run
+
+    data = _broken_folder(tmp_path / "data")
+    stats = run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out", "--max_bad_fraction", "0.3", steps=3)))
+    assert stats.global_step == 3
+    assert stats.skipped_rows == 2  # corrupt + truncated; grey, alpha, 16-bit and CMYK are converted
+    assert stats.empty_captions == 2  # "" and null train on the empty prompt
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["skipped_rows"] == 2
+
+
+def test_mostly_broken_data_stops_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.config import ConfigError
+    from sd_distill.train import run
+
+    data = _broken_folder(tmp_path / "data")  # 2 of 10 unreadable = 20 % > 10 % default
+    with pytest.raises(ConfigError, match=r"2 of 10 images .* cannot be decoded.*--max_bad_fraction"):
+        run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out")))
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _nan_on(calls: set[int] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the distillation loss NaN on the given call numbers (all calls when None)."""
+    import sd_distill.train as train
+
+    real = train.distillation_loss
+    count = {"n": 0}
+
+    def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls is None or count["n"] in calls else out
+
+    monkeypatch.setattr(train, "distillation_loss", loss)
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from sd_distill.train import run
+
+    _nan_on({2}, monkeypatch)
+    data = write_image_folder(tmp_path / "data", n=4)
+    stats = run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out", steps=4)))
+    assert stats.skipped_nonfinite == 1 and stats.global_step == 4
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+
+
+def test_repeated_nan_losses_stop_the_run_with_the_fp16_hint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_distill.train import TrainingError, run
+
+    _nan_on(None, monkeypatch)
+    data = write_image_folder(tmp_path / "data", n=4)
+    with pytest.raises(TrainingError, match=r"3 steps in a row.*fp16.*bf16"):
+        run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out", "--max_consecutive_nonfinite", "3", steps=10)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Interruption: kill -9 / SIGTERM, then --resume_from_checkpoint latest, must give the same LoRA
+# ------------------------------------------------------------------------------------------------
+STEPS = 12
+
+
+def _cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    args = train_args(model, data, out, "--lora_dropout", "0.1", "--random_flip", "--caption_dropout", "0.2", *extra, steps=STEPS)
+    return [sys.executable, str(ROOT / "train_sd_distil_lora.py"), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _interrupt_when(cmd: list[str], marker: Path, sig: int, timeout: float = 300) -> int:
+    """Start ``cmd``; send ``sig`` as soon as ``marker`` exists. Returns the exit status."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    return proc.wait(timeout=timeout)
+
+
+def _lora(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", n=6)
+    reference = tmp_path / "reference"
+    subprocess.run(_cmd(tiny_model_dir, data, reference), env=_env(), check=True, capture_output=True, timeout=300)
+    expected = _lora(reference)
+
+    # 1) SIGKILL right after the first checkpoint; leave a half-written checkpoint behind too,
+    #    as a kill during a save would: `latest` must ignore it.
+    killed = tmp_path / "killed"
+    code = _interrupt_when(_cmd(tiny_model_dir, data, killed), killed / "checkpoint-2", signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "pytorch_lora_weights.safetensors").exists()
+    half = killed / ".checkpoint-99.tmp"
+    half.mkdir(exist_ok=True)
+    (half / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+    subprocess.run(_cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"), env=_env(), check=True, capture_output=True, timeout=300)
+    got = _lora(killed)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed run differs from the uninterrupted one"
+
+    # 2) SIGTERM with --save_on_interrupt later in the run: a checkpoint at the stop step, exit 130.
+    termed = tmp_path / "termed"
+    code = _interrupt_when(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt"), termed / "checkpoint-6", signal.SIGTERM)
+    assert code == 130
+    steps = sorted(int(p.name.split("-")[1]) for p in termed.glob("checkpoint-*"))
+    assert steps and steps[-1] >= 6
+    subprocess.run(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"), env=_env(), check=True, capture_output=True, timeout=300)
+    got = _lora(termed)
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "run resumed after SIGTERM differs"
+
+
+def test_rotation_keeps_the_checkpoint_being_resumed_from(tmp_path: Path) -> None:
+    from sd_distill.checkpoint import list_checkpoints, rotate
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / ".checkpoint-10.tmp").mkdir()
+    rotate(tmp_path, limit=1, protect=tmp_path / "checkpoint-2")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]

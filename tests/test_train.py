@@ -1,0 +1,150 @@
+"""In-process training on the tiny pipeline: what changes, what must not, and the adapter's state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from helpers import train_args, write_image_folder
+from sd_distill.config import parse_args
+from sd_distill.lora import adapter_is_enabled
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _run_capturing(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[Any, Any]:
+    """Run training in-process; return (stats, components) so tests can inspect the models."""
+    import sd_distill.train as train
+
+    captured: dict[str, Any] = {}
+    real_load = train.load_components
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        captured["components"] = real_load(*args, **kwargs)
+        return captured["components"]
+
+    monkeypatch.setattr(train, "load_components", load)
+    stats = train.run(parse_args(argv))
+    return stats, captured["components"]
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_training_changes_only_the_lora_weights(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    import sd_distill.train as train
+
+    data = write_image_folder(tmp_path / "data")
+    # Record the adapter state at every UNet call: the teacher must see it off, the student on.
+    seen: list[bool] = []
+    real_teacher = train.teacher_cfg_prediction
+
+    def spy(unet: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(adapter_is_enabled(captured_model[0]))
+        return real_teacher(unet, *args, **kwargs)
+
+    captured_model: list[Any] = []
+    real_attach = train.attach_lora
+
+    def attach(unet: Any, *args: Any, **kwargs: Any) -> Any:
+        captured_model.append(unet)
+        params = real_attach(unet, *args, **kwargs)
+        unet.register_forward_pre_hook(lambda m, a: seen.append(adapter_is_enabled(m)))
+        return params
+
+    monkeypatch.setattr(train, "teacher_cfg_prediction", spy)
+    monkeypatch.setattr(train, "attach_lora", attach)
+    stats, comps = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "out", steps=3))
+
+    assert stats.global_step == 3 and all(torch.isfinite(torch.tensor(stats.losses)))
+    # per step: spy (adapter off), forward pre-hook of the teacher pass (off), the student pass (on)
+    assert seen[:6] == [False, False, True, False, False, True]
+    assert adapter_is_enabled(comps.unet)
+
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    trained = comps.unet.state_dict()
+    lora_keys = [k for k in trained if "lora_" in k]
+    assert lora_keys
+    for key, value in trained.items():
+        if "lora_" in key:
+            continue
+        base_key = key.replace(".base_layer", "")
+        assert torch.equal(value, base_unet[base_key]), f"frozen UNet weight {key} changed"
+    assert any(trained[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k), "LoRA B stayed at its zero init"
+    for frozen, cls, sub in ((comps.vae, AutoencoderKL, "vae"), (comps.text_encoder, CLIPTextModel, "text_encoder")):
+        fresh = cls.from_pretrained(tiny_model_dir, subfolder=sub).state_dict()
+        assert all(torch.equal(v, fresh[k]) for k, v in frozen.state_dict().items()), f"{sub} changed"
+    out = tmp_path / "out"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
+    assert json.loads((out / "sd_distill_config.json").read_text())["guidance_scale"] == 7.5
+
+
+def test_training_reduces_the_distillation_loss(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_image_folder(tmp_path / "data", n=4)
+    argv = train_args(tiny_model_dir, data, tmp_path / "out", "--train_batch_size", "4", "--learning_rate", "1e-2",
+                      "--lora_rank", "8", "--checkpointing_steps", "1000", steps=40)
+    stats, _ = _run_capturing(monkeypatch, argv)
+    first, last = sum(stats.losses[:5]) / 5, sum(stats.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vpred_model_dir"])
+def test_v_prediction_model_trains_with_min_snr_and_huber(fixture: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model: Path = request.getfixturevalue(fixture)
+    data = write_image_folder(tmp_path / "data", n=4)
+    argv = train_args(model, data, tmp_path / "out", "--snr_gamma", "5", "--loss", "huber", "--caption_dropout", "0.5",
+                      "--teacher", "separate", steps=2)
+    stats, comps = _run_capturing(monkeypatch, argv)
+    assert comps.prediction_type == "v_prediction"
+    assert stats.global_step == 2 and all(torch.isfinite(torch.tensor(stats.losses)))
+
+
+def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    data = write_image_folder(tmp_path / "data", n=4)
+    # center crop, no flip: the cached crop is then the one the uncached run draws
+    common = ("--center_crop", "--checkpointing_steps", "1000")
+    plain, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "a", *common, steps=2))
+    AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
+    cached, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "b", *common, "--cache_text_embeddings", steps=2))
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert list((tmp_path / "b" / "cache").glob("cache-*.safetensors"))
+    AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
+    latents, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "c", *common, "--cache_latents", "--cache_text_embeddings", steps=2))
+    assert latents.global_step == 2 and all(torch.isfinite(torch.tensor(latents.losses)))
+
+
+def test_fused_export_is_a_full_pipeline_matching_base_plus_lora(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    data = write_image_folder(tmp_path / "data", n=4)
+    out, fused = tmp_path / "out", tmp_path / "fused"
+    _run_capturing(monkeypatch, train_args(tiny_model_dir, data, out, "--export_fused_pipeline", str(fused), "--learning_rate", "5e-2", steps=3))
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    base.load_lora_weights(out)
+    one_folder = StableDiffusionPipeline.from_pretrained(fused)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = base.unet(x, 500, emb).sample, one_folder.unet(x, 500, emb).sample
+        plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet(x, 500, emb).sample
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, plain, atol=1e-4)
