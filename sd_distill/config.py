@@ -196,6 +196,8 @@ def _looks_local(name: str) -> bool:
     """A hub id is 'name' or 'owner/name'; anything else (or an existing path) is a local path."""
     if os.path.exists(name):
         return True
+    if "://" in name:  # hf://, s3://, https:// data files: remote, read by datasets/fsspec
+        return False
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or "*" in name or Path(name).suffix in DATA_SUFFIXES
 
 

@@ -69,6 +69,8 @@ def _load_table(config: TrainConfig) -> Any:
         elif path.is_dir():
             files = _data_files_in(path)
             ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
+        elif "://" in name and Path(name).suffix in DATA_SUFFIXES:  # e.g. hf://datasets/…/*.parquet
+            ds = datasets.load_dataset(_BUILDERS[Path(name).suffix], data_files=name, **kw)
         elif Path(name).suffix in DATA_SUFFIXES or glob.glob(os.path.expanduser(name)):
             files = sorted(glob.glob(os.path.expanduser(name)))
             ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)

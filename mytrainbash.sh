@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The seed recipe's launcher, kept: `bash mytrainbash.sh` distills SD-2.1-base's guidance into a
+# LoRA. Every setting below can be overridden from the environment, e.g.
+#   MODEL_NAME=./my-sd OUTPUT_DIR=./out ACCELERATE_CONFIG=accelerate_configs/multi_gpu_zero2.yaml bash mytrainbash.sh
+# and extra arguments go straight to train_sd_distil_lora.py (later flags win):
+#   bash mytrainbash.sh --max_train_steps 2000 --cache_latents --cache_text_embeddings
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-2-1-base}"
+OUTPUT_DIR="${OUTPUT_DIR:-./sd-distill-v21}"
+# DiffusionDB's first 10k images, read from the hub's parquet conversion (hub loading scripts,
+# which the seed relied on, are no longer supported by `datasets`).
+DATASET_NAME="${DATASET_NAME:-hf://datasets/poloclub/diffusiondb@refs%2Fconvert%2Fparquet/2m_first_10k/train/*.parquet}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"   # empty: accelerate's own default config
+DEFAULT_PROMPT="${DEFAULT_PROMPT:-A man dancing}"
+RESOLUTION="${RESOLUTION:-512}"
+TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1}"
+GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS:-1}"
+# The seed used 5e-6 because it (unknowingly) fine-tuned the whole UNet; a LoRA needs ~1e-4.
+LEARNING_RATE="${LEARNING_RATE:-1e-4}"
+LR_SCHEDULER="${LR_SCHEDULER:-constant}"
+LR_WARMUP_STEPS="${LR_WARMUP_STEPS:-0}"
+GUIDANCE_SCALE="${GUIDANCE_SCALE:-7.5}"
+
+if [ -x .venv/bin/accelerate ] && ! command -v accelerate >/dev/null 2>&1; then
+  ACCELERATE=.venv/bin/accelerate
+else
+  ACCELERATE="${ACCELERATE:-accelerate}"
+fi
+config_args=()
+if [ -n "$ACCELERATE_CONFIG" ]; then
+  config_args=(--config_file "$ACCELERATE_CONFIG")
+fi
+
+mkdir -p "$OUTPUT_DIR"
+echo "distilling $MODEL_NAME (w=$GUIDANCE_SCALE) into a LoRA in $OUTPUT_DIR"
+
+exec "$ACCELERATE" launch "${config_args[@]}" train_sd_distil_lora.py \
+  --pretrained_model_name_or_path="$MODEL_NAME" \
+  --output_dir="$OUTPUT_DIR" \
+  --dataset_name="$DATASET_NAME" \
+  --default_prompt="$DEFAULT_PROMPT" \
+  --resolution="$RESOLUTION" \
+  --train_batch_size="$TRAIN_BATCH_SIZE" \
+  --gradient_accumulation_steps="$GRADIENT_ACCUMULATION_STEPS" \
+  --learning_rate="$LEARNING_RATE" \
+  --lr_scheduler="$LR_SCHEDULER" \
+  --lr_warmup_steps="$LR_WARMUP_STEPS" \
+  --guidance_scale="$GUIDANCE_SCALE" \
+  "$@"
