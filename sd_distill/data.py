@@ -273,10 +273,12 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"caption": [e["caption"] for e in examples], "index": torch.tensor([e["index"] for e in examples])}
+    # A tensor comes first: accelerate reads the batch size from the first entry.
+    batch: dict[str, Any] = {"index": torch.tensor([e["index"] for e in examples])}
     for key in ("pixel_values", "latents", "text_embeddings"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
+    batch["caption"] = [e["caption"] for e in examples]
     batch["bad_rows"] = sum(e.get("bad_rows_before", 0) for e in examples)
     return batch
 

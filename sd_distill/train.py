@@ -41,7 +41,7 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 def make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     # Without CUDA, distributed runs (several processes, or DeepSpeed) need the gloo backend.
     distributed = "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -55,6 +55,8 @@ def make_accelerator(config: TrainConfig) -> Any:
             project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir)
         ),
         kwargs_handlers=handlers,
+        # each process reads its own shard of a stream (captions are strings, not dispatchable tensors)
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
 
 
