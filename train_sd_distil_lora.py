@@ -8,6 +8,7 @@
 Also runs under plain ``python``. ``--help`` lists every flag.
 """
 
+import os
 import sys
 
 
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(argv)
         stats = run(config)
     except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if stats.interrupted:
         print(f"interrupted at step {stats.global_step}; checkpoint saved in {config.output_dir}")

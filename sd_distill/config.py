@@ -188,6 +188,10 @@ def validate(config: TrainConfig) -> None:
             errors.append(f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder (no model_index.json); save one with pipeline.save_pretrained().")
     if c.resume_from_checkpoint not in (None, "latest"):
         need(Path(c.resume_from_checkpoint).is_dir(), f"--resume_from_checkpoint {c.resume_from_checkpoint!r} is not a folder; give a checkpoint-<step> folder or 'latest'.")
+    if c.report_to in ("wandb", "all"):
+        import importlib.util
+
+        need(importlib.util.find_spec("wandb") is not None, f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).")
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

@@ -170,6 +170,7 @@ def run(config: TrainConfig) -> Stats:
     _setup_logging(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed precision fp16 was requested but there is no GPU; use --mixed_precision bf16 or no on a CPU.")
+    _check_deepspeed(accelerator)
     resume_from = resolve_resume(config)
     check_output_dir(config, resuming=resume_from is not None)
     seed = config.seed if config.seed is not None else 0
@@ -354,6 +355,19 @@ def run(config: TrainConfig) -> Stats:
         (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(asdict(stats), indent=2))
     accelerator.end_training()
     return stats
+
+
+def _check_deepspeed(accelerator: Any) -> None:
+    """Refuse DeepSpeed settings this recipe cannot honour before any model is loaded
+    (DeepSpeed itself would fail only at ``prepare``, deep inside a validation stack)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3, "auto"):
+        raise ConfigError(f"the accelerate config asks for ZeRO stage {stage!r}; DeepSpeed has stages 0, 1, 2 and 3 (2 is a good default, 3 partitions the weights too).")
+    if plugin.deepspeed_config.get("fp16", {}).get("enabled") is True and not torch.cuda.is_available():
+        raise ConfigError("the DeepSpeed config enables fp16 but there is no GPU; set fp16 to false or \"auto\" on a CPU.")
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,26 @@ def test_fp16_on_a_cpu_is_refused(tiny_model_dir: Path, tmp_path: Path, data: Pa
         pytest.skip("this machine has a GPU: fp16 is valid here")
     code, err = _main(train_args(tiny_model_dir, data, tmp_path / "out", "--mixed_precision", "fp16"), capsys)
     assert code == 2 and "fp16" in err and "bf16" in err
+
+
+def test_wandb_without_the_package(tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    code, err = _main(train_args(tiny_model_dir, data, tmp_path / "out") + ["--report_to", "wandb"], capsys)
+    assert code == 2 and "pip install wandb" in err
+
+
+def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Path, data: Path) -> None:
+    config = tmp_path / "zero4.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "cpu_2proc_zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 4"))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "0", str(ROOT / "train_sd_distil_lora.py"),
+         *train_args(tiny_model_dir, data, tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    assert "ZeRO stage 4" in proc.stderr and "stages 0, 1, 2 and 3" in proc.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
