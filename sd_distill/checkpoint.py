@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CONFIG_FILE_NAME, ConfigError
-from .lora import LORA_WEIGHTS_NAME, lora_state_dict, save_lora
+from .lora import lora_state_dict, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,6 @@ def rotate(output_dir: Path, limit: int | None, protect: Path | None) -> None:
         logger.info("removed old checkpoint %s", old)
 
 
-def has_lora(folder: Path) -> bool:
-    return (folder / LORA_WEIGHTS_NAME).is_file()
-
-
 def _size_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -140,6 +136,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-__all__ = ["list_checkpoints", "resolve_resume", "save_checkpoint", "read_step", "rotate", "has_lora", "save_lora"]

@@ -27,6 +27,7 @@ from .data import TrainData, build_train_data, collate
 from .guidance import distillation_loss, min_snr_weights, sample_timesteps, teacher_cfg_prediction
 from .lora import LORA_WEIGHTS_NAME, adapter_disabled, attach_lora, lora_state_dict, save_lora
 from .models import Components, encode_images, encode_prompts, load_components, load_frozen_unet, weight_dtype_for
+from .validation import run_validation
 
 logger = logging.getLogger(__name__)
 NUM_LOSS_BUCKETS = 4  # loss is also logged per quarter of the timestep range
@@ -508,53 +509,3 @@ def _setup_logging(accelerator: Any) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     for noisy in ("diffusers", "transformers", "datasets", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def run_validation(accelerator: Any, model: Any, engine: Any, separate_teacher: Any, components: Components,
-                   config: TrainConfig, step: int, weight_dtype: torch.dtype) -> None:
-    """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
-    (ZeRO-3 gathers parameters collectively), the main process writes the images."""
-    import numpy as np
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    def pipe_with(unet: Any) -> Any:
-        return StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
-            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-
-    model.eval()
-    pipe = pipe_with(model)
-    pipe.set_progress_bar_config(disable=True)
-    images: dict[str, list[Any]] = {"student": [], "teacher": []}
-    seed = config.seed if config.seed is not None else 0
-    for prompt in config.prompts_for_validation:
-        kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
-        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            gen = torch.Generator(accelerator.device).manual_seed(seed)
-            images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
-            gen = torch.Generator(accelerator.device).manual_seed(seed)
-            if separate_teacher is not None:
-                images["teacher"].append(pipe_with(separate_teacher)(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
-            else:
-                with adapter_disabled(model):
-                    images["teacher"].append(pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
-    model.train()
-    if accelerator.is_main_process:
-        folder = Path(config.output_dir) / "validation" / f"step-{step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(config.prompts_for_validation):
-            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
-            images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
-        (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                for side, imgs in images.items():
-                    tracker.writer.add_images(f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC")
-        logger.info("validation images for step %d in %s", step, folder)
-    accelerator.wait_for_everyone()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import write_image_folder
 from sd_distill.config import ConfigError, TrainConfig
 from sd_distill.data import build_train_data, decode_image
 

@@ -148,3 +148,19 @@ def test_fused_export_is_a_full_pipeline_matching_base_plus_lora(tiny_model_dir:
         plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet(x, 500, emb).sample
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, plain, atol=1e-4)
+
+
+def test_validation_renders_student_and_teacher_and_logs_to_tensorboard(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from PIL import Image
+
+    data = write_image_folder(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    argv = train_args(tiny_model_dir, data, out, "--validation_prompts", "a red circle", "a blue square",
+                      "--validation_steps", "2", "--num_validation_inference_steps", "2", "--report_to", "tensorboard", steps=2)
+    _, comps = _run_capturing(monkeypatch, argv)
+    folder = out / "validation" / "step-2"
+    student, teacher = Image.open(folder / "01-student-w1.png"), Image.open(folder / "01-teacher-w7.5.png")
+    assert not np.array_equal(np.asarray(student), np.asarray(teacher))
+    assert adapter_is_enabled(comps.unet)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))

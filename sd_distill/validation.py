@@ -1,0 +1,63 @@
+"""Validation images during training: the student at guidance 1 beside the teacher at guidance w."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .lora import adapter_disabled
+from .models import Components
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def run_validation(accelerator: Any, model: Any, engine: Any, separate_teacher: Any, components: Components,
+                   config: TrainConfig, step: int, weight_dtype: torch.dtype) -> None:
+    """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
+    (ZeRO-3 gathers parameters collectively), the main process writes the images."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    def pipe_with(unet: Any) -> Any:
+        return StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    model.eval()
+    pipe = pipe_with(model)
+    pipe.set_progress_bar_config(disable=True)
+    images: dict[str, list[Any]] = {"student": [], "teacher": []}
+    seed = config.seed if config.seed is not None else 0
+    for prompt in config.prompts_for_validation:
+        kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
+        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            gen = torch.Generator(accelerator.device).manual_seed(seed)
+            images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
+            gen = torch.Generator(accelerator.device).manual_seed(seed)
+            if separate_teacher is not None:
+                images["teacher"].append(pipe_with(separate_teacher)(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
+            else:
+                with adapter_disabled(model):
+                    images["teacher"].append(pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
+    model.train()
+    if accelerator.is_main_process:
+        folder = Path(config.output_dir) / "validation" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, prompt in enumerate(config.prompts_for_validation):
+            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
+            images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
+        (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for side, imgs in images.items():
+                    tracker.writer.add_images(f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC")
+        logger.info("validation images for step %d in %s", step, folder)
+    accelerator.wait_for_everyone()
