@@ -461,6 +461,19 @@ def _columns_report(columns: list[Column], records: list[dict], config: CompareC
     return out
 
 
+def caption_adherence(images_by_column: dict[str, list[Any]], prompts: list[str]) -> dict[str, float] | None:
+    """Fraction of images whose scene matches its caption, per column, when every prompt is a
+    caption of the synthetic set the toy teacher learnt (``None`` for any other prompts)."""
+    from sd_distill.checker import adherence, parse_caption
+
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return {key: adherence(images, prompts).score for key, images in images_by_column.items()}
+
+
 def _write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         "# Base vs distilled",
@@ -485,6 +498,9 @@ def _write_markdown(report: dict[str, Any], path: Path) -> None:
         ssim = "n/a" if f["ssim"] is None else f"{f['ssim']:.4f}"
         lpips = "n/a" if f["lpips"] is None else f"{f['lpips']:.4f}"
         lines.append(f"- {name}: PSNR {f['psnr']:.2f} dB, SSIM {ssim}, LPIPS {lpips}")
+    if report.get("adherence"):
+        lines += ["", "## Caption adherence (synthetic-scene checker)", ""]
+        lines += [f"- {key}: {score:.3f}" for key, score in report["adherence"].items()]
     clip = report["clip_score"]
     lines += [f"- CLIP score: {clip if clip['value'] is not None else 'n/a (' + str(clip['reason']) + ')'}", ""]
     lines += ["![grid](grid.png)", ""]
@@ -532,6 +548,7 @@ def _assemble(columns: list[Column], records: list[dict], res: Resolved, config:
     fid = {"distilled_vs_base_cfg": fidelity([by[(i, "distilled")] for i in range(len(prompts))], base_imgs)}
     if any(c.key == "base_nocfg" for c in columns):  # reference: how far plain w=1 sampling is from CFG
         fid["base_nocfg_vs_base_cfg"] = fidelity([by[(i, "base_nocfg")] for i in range(len(prompts))], base_imgs)
+    adherence = caption_adherence({c.key: [by[(i, c.key)] for i in range(len(prompts))] for c in columns}, prompts)
     clip_value, clip_reason = clip_score(
         [by[(i, "distilled")] for i in range(len(prompts))], prompts, config.clip_model
     )
@@ -569,6 +586,7 @@ def _assemble(columns: list[Column], records: list[dict], res: Resolved, config:
         "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
         "fidelity": fid,
         "clip_score": {"value": clip_value, "reason": clip_reason},
+        "adherence": adherence,
         "grid": "grid.png",
         "images": files,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},

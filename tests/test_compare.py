@@ -240,3 +240,20 @@ def test_prompt_helpers(tmp_path: Path) -> None:
     assert slugify("'\"/\\..") == "prompt"
     assert len(slugify(LONG)) == 60
     assert slugify("Ünïcödé café") == "unicode-cafe"
+
+
+def test_synthetic_captions_get_an_adherence_score_per_column(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.checker import parse_caption
+
+    prompts = ["a large red circle in the center on a black background", "a small blue square in the top left on a white background"]
+    [parse_caption(p) for p in prompts]  # the grammar the toy teacher learnt
+    report = run(CompareConfig(ft_model=str(tiny_lora_dir), out_dir=str(tmp_path / "o"), prompts=prompts,
+                               num_inference_steps=STEPS, seed=SEED, also_base_without_cfg=True))
+    assert set(report["adherence"]) == {"base_cfg", "distilled", "base_nocfg"}
+    assert all(0.0 <= v <= 1.0 for v in report["adherence"].values())
+    assert report["fidelity"]["distilled_vs_base_cfg"]["mse"] >= 0.0
+
+
+def test_ordinary_prompts_get_no_adherence_score(main_run: tuple[dict, Path]) -> None:
+    report, _ = main_run
+    assert report["adherence"] is None
