@@ -173,6 +173,8 @@ def validate(config: TrainConfig) -> None:
     need(c.report_to in ("tensorboard", "wandb", "all", "none"), f"--report_to {c.report_to!r}: choose tensorboard, wandb, all or none.")
     need(not (c.streaming and (c.cache_latents or c.cache_text_embeddings)),
          "--streaming cannot be combined with --cache_latents/--cache_text_embeddings (a stream is read once); drop one.")
+    need(not c.streaming or c.max_train_steps is not None,
+         "--streaming needs --max_train_steps (a stream has no known length, so epochs cannot be counted).")
     need(c.dataset_name is not None or c.train_data_dir is not None,
          "no training data: give --dataset_name (hub id, folder or data files) or --train_data_dir (image folder with metadata.jsonl).")
     need(c.dataset_name is None or c.train_data_dir is None, "give either --dataset_name or --train_data_dir, not both.")

@@ -110,10 +110,16 @@ def test_v_prediction_model_trains_with_min_snr_and_huber(fixture: str, request:
     model: Path = request.getfixturevalue(fixture)
     data = write_image_folder(tmp_path / "data", n=4)
     argv = train_args(model, data, tmp_path / "out", "--snr_gamma", "5", "--loss", "huber", "--caption_dropout", "0.5",
-                      "--teacher", "separate", steps=2)
+                      "--teacher", "separate", "--gradient_checkpointing", steps=2)
     stats, comps = _run_capturing(monkeypatch, argv)
     assert comps.prediction_type == "v_prediction"
     assert stats.global_step == 2 and all(torch.isfinite(torch.tensor(stats.losses)))
+    from safetensors.torch import load_file
+
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    # B starts at zero: non-zero B means gradients reached the adapter through checkpointed blocks
+    assert all(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k or "lora.up" in k)
+    assert any("lora_B" in k or "lora.up" in k for k in lora)
 
 
 def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
