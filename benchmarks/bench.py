@@ -51,15 +51,20 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleave(variants: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per variant; each round runs every variant once, in the same order."""
-    samples: dict[str, list[float]] = {k: [] for k in variants}
+def interleave(variants: dict[str, Callable[[], float]], rounds: int, warmup: int,
+               samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median seconds per variant. Each round runs every variant once; the order rotates by one
+    each round, so no variant always runs first (or right after the same neighbour).
+    ``samples`` (if given) receives every timed repetition."""
+    samples = {} if samples is None else samples
+    names = list(variants)
     for r in range(warmup + rounds):
-        for name, run in variants.items():
-            seconds = run()
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = variants[name]()
             if r >= warmup:
-                samples[name].append(seconds)
-    return {k: statistics.median(v) for k, v in samples.items()}
+                samples.setdefault(name, []).append(seconds)
+    return {k: statistics.median(samples[k]) for k in names}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +205,8 @@ def worker_train_time(resolution: int, arch: str, rounds: int, warmup: int) -> d
         "uncached": lambda: tr.step(cached=False),
         "checkpointing": ckpt_step,
     }
-    return {"median_s": interleave(variants, rounds, warmup), "peak_rss_gb": peak_rss_gb()}
+    samples: dict[str, list[float]] = {}
+    return {"median_s": interleave(variants, rounds, warmup, samples), "samples_s": samples, "peak_rss_gb": peak_rss_gb()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,12 +244,13 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
         return seconds
 
     render(7.5)  # warm-up: the largest (2B) batch first
+    pipe_samples: dict[str, list[float]] = {}
     pipeline = interleave({
         "base_cfg": lambda: render(7.5),
         "base_w1": lambda: render(1.0),  # the base UNet alone (= compare.py's fused, unloaded UNet)
         "lora_unfused": unfused,
         "lora_fused": fused,
-    }, rounds, warmup=0)
+    }, rounds, warmup=0, samples=pipe_samples)
 
     lat = resolution // parts.vae_scale
     g = torch.Generator().manual_seed(1)
@@ -282,9 +289,10 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
         compiled = torch.compile(unet)
         compile_s = timed(lambda: fwd(module=compiled))  # first call compiles
         switches["unet_b1_compiled"] = lambda: fwd(module=compiled)
-    unet_only = interleave(switches, rounds + 1, warmup=1)
+    unet_samples: dict[str, list[float]] = {}
+    unet_only = interleave(switches, rounds + 1, warmup=1, samples=unet_samples)
     return {"pipeline_s": pipeline, "unet_s": unet_only, "compile_s": compile_s, "steps": steps,
-            "peak_rss_gb": peak_rss_gb()}
+            "pipeline_samples_s": pipe_samples, "unet_samples_s": unet_samples, "peak_rss_gb": peak_rss_gb()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +301,7 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
 @dataclass
 class Plan:
     arch: str
+    mem_resolution: int
     train_resolution: int
     infer_resolution: int
     infer_steps: int
@@ -307,13 +316,14 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     tiny = args.tiny
     quick = args.quick
-    res = 32 if tiny else (128 if quick else 256)
+    res = 32 if tiny else (128 if quick else 256)  # timed rows
     return Plan(
         arch="tiny" if tiny else "sd21",
+        mem_resolution=args.mem_resolution or (32 if tiny else 256),  # one step per case: 256 even in --quick
         train_resolution=args.resolution or res,
         infer_resolution=args.infer_resolution or args.resolution or res,
         infer_steps=args.steps or (4 if quick else 8),
-        rounds=args.rounds or (2 if quick else 5),
+        rounds=args.rounds or (3 if quick else 5),
         mem_steps=args.mem_steps or (1 if quick else 2),
         threads=args.threads,
         compile_unet=args.compile,
@@ -346,8 +356,8 @@ def run_all(plan: Plan) -> dict[str, Any]:
     common = {"arch": plan.arch}
     if "memory" in plan.only:
         for name, case in MEMORY_CASES.items():
-            steps = plan.mem_steps if case.width == 1.0 else plan.rounds + 1  # half width: cheap, time it too
-            results["memory"][name] = call_worker(plan, "memory", case_name=name, resolution=plan.train_resolution,
+            steps = plan.mem_steps if case.width == 1.0 else 3  # half width: cheap, time it too
+            results["memory"][name] = call_worker(plan, "memory", case_name=name, resolution=plan.mem_resolution,
                                                   steps=steps, **common)
     if "train_time" in plan.only:
         results["train_time"] = call_worker(plan, "train_time", resolution=plan.train_resolution, rounds=plan.rounds,
@@ -401,6 +411,9 @@ def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         p, u, n = inf["pipeline_s"], inf["unet_s"], inf["steps"]
         add(f"6. s/image: distilled (w=1, fused) / base CFG, {n} steps", p["lora_fused"] / p["base_cfg"],
             f"{p['lora_fused']:.1f} / {p['base_cfg']:.1f} s", 0.56)
+        add("3. teacher pass alone: one 2B pass / two B passes (UNet forward, no grad)",
+            u["unet_b2_inference_mode"] / (2 * u["unet_b1_inference_mode"]),
+            f"{u['unet_b2_inference_mode']:.2f} / 2×{u['unet_b1_inference_mode']:.2f} s")
         add("6. UNet pass: batch 1 / batch 2 (the many-steps limit of row 6)",
             u["unet_b1_inference_mode"] / u["unet_b2_inference_mode"],
             f"{u['unet_b1_inference_mode']:.2f} / {u['unet_b2_inference_mode']:.2f} s", 0.56)
@@ -426,14 +439,15 @@ def format_table(rows: list[tuple[str, str, str, str]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="128 px, 4 inference steps, 2 rounds (≈15 min here)")
+    p.add_argument("--quick", action="store_true", help="timings at 128 px, 4 inference steps, 3 rounds (≈13 min here)")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline instead of SD-2.1-base (seconds)")
     p.add_argument("--in_process", action="store_true", help="no subprocesses (no memory figures); for tests")
     p.add_argument("--only", default=None, help="comma list of memory,train_time,inference")
-    p.add_argument("--resolution", type=int, default=None, help="training image size (default 256; --quick 128)")
+    p.add_argument("--mem_resolution", type=int, default=None, help="image size of the memory cases (default 256)")
+    p.add_argument("--resolution", type=int, default=None, help="image size of the timed training steps (default 256; --quick 128)")
     p.add_argument("--infer_resolution", type=int, default=None, help="inference image size (default: --resolution)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default 8; --quick 4)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 5; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 5; --quick 3)")
     p.add_argument("--mem_steps", type=int, default=None, help="steps per full-width memory case (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                    help="OMP_NUM_THREADS of the worker processes (default: $OMP_NUM_THREADS or 1)")
@@ -464,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     print(format_table(results["rows"]))
-    print(f"\n{plan.arch}, train {plan.train_resolution} px, inference {plan.infer_resolution} px / {plan.infer_steps} steps, "
+    print(f"\n{plan.arch}, memory cases {plan.mem_resolution} px ({plan.mem_steps} step(s)), timed training steps {plan.train_resolution} px, inference {plan.infer_resolution} px / {plan.infer_steps} steps, "
           f"{plan.rounds} rounds, OMP_NUM_THREADS={plan.threads}; total {results['total_s']:.0f} s")
     return results
 
