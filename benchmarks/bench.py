@@ -368,8 +368,17 @@ def run_all(plan: Plan) -> dict[str, Any]:
     return results
 
 
+def paired_ratio(samples: dict[str, list[float]] | None, a: str, b: str, fallback: float) -> float:
+    """Median over rounds of ``a / b`` measured in the same round: robust to load that drifts
+    between rounds on a shared machine (a ratio of medians is not)."""
+    if not samples or a not in samples or b not in samples:
+        return fallback
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+
 def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(row, measured, target, met) for the table."""
+    """(row, measured, target, met) for the table. Timing ratios are paired per round; the values
+    in brackets are the medians of each side."""
     rows: list[tuple[str, str, str, str]] = []
 
     def add(name: str, value: float | None, detail: str, target: float | None = None, lower: bool = True) -> None:
@@ -398,36 +407,38 @@ def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             m["cached_encoders_held"] / m["uncached"], f"{m['cached_encoders_held']:.2f} / {m['uncached']:.2f} GB")
         add("5. train peak RSS: checkpointing on / off", m["checkpointing"] / m["ours"],
             f"{m['checkpointing']:.2f} / {m['ours']:.2f} GB")
-    tt = r.get("train_time", {}).get("median_s")
+    tr = r.get("train_time", {})
+    tt, ts = tr.get("median_s"), tr.get("samples_s")
     if tt:
-        add("3. train step time: batched teacher (2B) / two passes", tt["ours"] / tt["two_pass"],
+        add("3. train step time: batched teacher (2B) / two passes", paired_ratio(ts, "ours", "two_pass", tt["ours"] / tt["two_pass"]),
             f"{tt['ours']:.1f} / {tt['two_pass']:.1f} s")
-        add("4. train step time: cached / uncached", tt["ours"] / tt["uncached"],
+        add("4. train step time: cached / uncached", paired_ratio(ts, "ours", "uncached", tt["ours"] / tt["uncached"]),
             f"{tt['ours']:.1f} / {tt['uncached']:.1f} s", 0.80)
-        add("5. train step time: checkpointing on / off", tt["checkpointing"] / tt["ours"],
+        add("5. train step time: checkpointing on / off", paired_ratio(ts, "checkpointing", "ours", tt["checkpointing"] / tt["ours"]),
             f"{tt['checkpointing']:.1f} / {tt['ours']:.1f} s")
     inf = r.get("inference")
     if inf:
         p, u, n = inf["pipeline_s"], inf["unet_s"], inf["steps"]
-        add(f"6. s/image: distilled (w=1, fused) / base CFG, {n} steps", p["lora_fused"] / p["base_cfg"],
+        ps, us = inf.get("pipeline_samples_s"), inf.get("unet_samples_s")
+        add(f"6. s/image: distilled (w=1, fused) / base CFG, {n} steps",
+            paired_ratio(ps, "lora_fused", "base_cfg", p["lora_fused"] / p["base_cfg"]),
             f"{p['lora_fused']:.1f} / {p['base_cfg']:.1f} s", 0.56)
+        b1, b2 = "unet_b1_inference_mode", "unet_b2_inference_mode"
         add("3. teacher pass alone: one 2B pass / two B passes (UNet forward, no grad)",
-            u["unet_b2_inference_mode"] / (2 * u["unet_b1_inference_mode"]),
-            f"{u['unet_b2_inference_mode']:.2f} / 2×{u['unet_b1_inference_mode']:.2f} s")
+            paired_ratio(us, b2, b1, u[b2] / u[b1]) / 2, f"{u[b2]:.2f} / 2×{u[b1]:.2f} s")
         add("6. UNet pass: batch 1 / batch 2 (the many-steps limit of row 6)",
-            u["unet_b1_inference_mode"] / u["unet_b2_inference_mode"],
-            f"{u['unet_b1_inference_mode']:.2f} / {u['unet_b2_inference_mode']:.2f} s", 0.56)
-        add("7. s/image: LoRA unfused / fused", p["lora_unfused"] / p["lora_fused"],
+            paired_ratio(us, b1, b2, u[b1] / u[b2]), f"{u[b1]:.2f} / {u[b2]:.2f} s", 0.56)
+        add("7. s/image: LoRA unfused / fused", paired_ratio(ps, "lora_unfused", "lora_fused", p["lora_unfused"] / p["lora_fused"]),
             f"{p['lora_unfused']:.1f} / {p['lora_fused']:.1f} s")
-        add("7. s/image: LoRA fused / base UNet alone (both w=1)", p["lora_fused"] / p["base_w1"],
+        add("7. s/image: LoRA fused / base UNet alone (both w=1)",
+            paired_ratio(ps, "lora_fused", "base_w1", p["lora_fused"] / p["base_w1"]),
             f"{p['lora_fused']:.1f} / {p['base_w1']:.1f} s", 1.05)
-        base = u["unet_b1_inference_mode"]
         for key, label in (("unet_b1_no_grad", "no_grad instead of inference_mode"),
                            ("unet_b1_channels_last", "channels_last"),
                            ("unet_b1_flush_denormal", "set_flush_denormal(True)"),
                            ("unet_b1_compiled", f"torch.compile (compile took {inf.get('compile_s') or 0:.0f} s)")):
             if key in u:
-                add(f"8. UNet pass: {label} / default", u[key] / base, f"{u[key]:.2f} / {base:.2f} s")
+                add(f"8. UNet pass: {label} / default", paired_ratio(us, key, b1, u[key] / u[b1]), f"{u[key]:.2f} / {u[b1]:.2f} s")
     return rows
 
 
@@ -453,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OMP_NUM_THREADS of the worker processes (default: $OMP_NUM_THREADS or 1)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(unet) (compiling takes minutes)")
     p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument("--from_json", default=None, help="only print the table of a saved --out file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker_args", default=None, help=argparse.SUPPRESS)
     return p
@@ -465,6 +477,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fns = {"memory": worker_memory, "train_time": worker_train_time, "inference": worker_inference}
         print("RESULT " + json.dumps(fns[args.worker](**json.loads(args.worker_args))), flush=True)
         return {}
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        results["rows"] = ratio_rows(results)
+        print(format_table(results["rows"]))
+        return results
     plan = make_plan(args)
     if plan.in_process:
         torch.set_num_threads(plan.threads)
