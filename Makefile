@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m sd_distill.demo
+	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
