@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# The CPU benchmark set on the SD-2.1-base architecture (random weights), ~12-15 min; see BENCHMARKS.md.
+bench: $(STAMP)
+	nice -n 5 env OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --quick --out outputs/bench.json
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -16,6 +16,9 @@ from .lora import DEFAULT_TARGET_MODULES
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 CONFIG_FILE_NAME = "sd_distill_config.json"
+# Caching is automatic up to this many rows: ~16 KB of latents + ~160 KB of fp16 text embeddings
+# per row at SD-2.1 sizes, so 20k rows stay within a few GB of RAM.
+AUTO_CACHE_MAX_ROWS = 20_000
 
 
 class ConfigError(ValueError):
@@ -63,8 +66,8 @@ class TrainConfig:
     random_flip: bool = _opt(False, "Randomly flip images horizontally.")
     default_prompt: str = _opt("A man dancing", "Validation prompt used when --validation_prompts is not given (the seed's flag).")
     # --- caching -----------------------------------------------------------------------------
-    cache_latents: bool = _opt(False, "Encode every image with the VAE once (crops/flips are then drawn once).")
-    cache_text_embeddings: bool = _opt(False, "Encode every caption with the text encoder once.")
+    cache_latents: Optional[bool] = _opt(None, f"Encode every image with the VAE once (crops are then drawn once). Default: on for map-style sets of at most {AUTO_CACHE_MAX_ROWS} rows without --random_flip (a step took 0.74x the time, see BENCHMARKS.md).")
+    cache_text_embeddings: Optional[bool] = _opt(None, f"Encode every caption with the text encoder once. Default: on for map-style sets of at most {AUTO_CACHE_MAX_ROWS} rows.")
     cache_dir: Optional[str] = _opt(None, "Where caches are stored (default: <output_dir>/cache).")
     # --- optimisation ------------------------------------------------------------------------
     train_batch_size: int = _opt(1, "Batch size per device.")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = meta.pop("help")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name
-        if f.type in ("bool", bool):
+        if "bool" in str(f.type):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         parser.add_argument(flag, type=_scalar_type(f.type), default=default, help=help_text, **meta)
@@ -196,6 +199,15 @@ def validate(config: TrainConfig) -> None:
         need(importlib.util.find_spec("wandb") is not None, f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).")
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+
+
+def resolve_auto_cache(config: TrainConfig, num_rows: int | None) -> TrainConfig:
+    """Turn the ``None`` (automatic) cache settings into decisions for a dataset of ``num_rows``
+    rows (``None`` for a stream)."""
+    small = num_rows is not None and num_rows <= AUTO_CACHE_MAX_ROWS
+    latents = config.cache_latents if config.cache_latents is not None else small and not config.random_flip
+    text = config.cache_text_embeddings if config.cache_text_embeddings is not None else small
+    return dataclasses.replace(config, cache_latents=latents, cache_text_embeddings=text)
 
 
 def _looks_local(name: str) -> bool:

@@ -31,6 +31,9 @@ def run_validation(accelerator: Any, model: Any, engine: Any, separate_teacher: 
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
+    parked = components.vae.device != accelerator.device  # offloaded after caching (GPU runs)
+    if parked:
+        components.vae.to(accelerator.device), components.text_encoder.to(accelerator.device)
     model.eval()
     pipe = pipe_with(model)
     pipe.set_progress_bar_config(disable=True)
@@ -48,6 +51,8 @@ def run_validation(accelerator: Any, model: Any, engine: Any, separate_teacher: 
                 with adapter_disabled(model):
                     images["teacher"].append(pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
     model.train()
+    if parked:
+        components.vae.to("cpu"), components.text_encoder.to("cpu")
     if accelerator.is_main_process:
         folder = Path(config.output_dir) / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)

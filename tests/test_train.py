@@ -71,7 +71,8 @@ def test_training_changes_only_the_lora_weights(tiny_model_dir: Path, tmp_path: 
 
     monkeypatch.setattr(train, "teacher_cfg_prediction", spy)
     monkeypatch.setattr(train, "attach_lora", attach)
-    stats, comps = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "out", steps=3))
+    no_cache = ("--no-cache_latents", "--no-cache_text_embeddings")  # the VAE and text encoder run every step
+    stats, comps = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "out", *no_cache, steps=3))
 
     assert stats.global_step == 3 and all(torch.isfinite(torch.tensor(stats.losses)))
     # per step: spy (adapter off), forward pre-hook of the teacher pass (off), the student pass (on)
@@ -99,7 +100,7 @@ def test_training_changes_only_the_lora_weights(tiny_model_dir: Path, tmp_path: 
 def test_training_reduces_the_distillation_loss(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_image_folder(tmp_path / "data", n=4)
     argv = train_args(tiny_model_dir, data, tmp_path / "out", "--train_batch_size", "4", "--learning_rate", "1e-2",
-                      "--lora_rank", "8", "--checkpointing_steps", "1000", steps=40)
+                      "--lora_rank", "8", "--checkpointing_steps", "1000", steps=80)
     stats, _ = _run_capturing(monkeypatch, argv)
     first, last = sum(stats.losses[:5]) / 5, sum(stats.losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
@@ -128,9 +129,9 @@ def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model
     data = write_image_folder(tmp_path / "data", n=4)
     # center crop, no flip: the cached crop is then the one the uncached run draws
     common = ("--center_crop", "--checkpointing_steps", "1000")
-    plain, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "a", *common, steps=2))
+    plain, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "a", *common, "--no-cache_latents", "--no-cache_text_embeddings", steps=2))
     AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
-    cached, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "b", *common, "--cache_text_embeddings", steps=2))
+    cached, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "b", *common, "--no-cache_latents", "--cache_text_embeddings", steps=2))
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
     assert list((tmp_path / "b" / "cache").glob("cache-*.safetensors"))
     AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
@@ -170,3 +171,23 @@ def test_validation_renders_student_and_teacher_and_logs_to_tensorboard(tiny_mod
     assert not np.array_equal(np.asarray(student), np.asarray(teacher))
     assert adapter_is_enabled(comps.unet)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_small_datasets_are_cached_by_default_and_the_encoders_freed(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_distill.config import AUTO_CACHE_MAX_ROWS, TrainConfig, resolve_auto_cache
+
+    auto = TrainConfig(train_data_dir="x")
+    assert (resolve_auto_cache(auto, 10).cache_latents, resolve_auto_cache(auto, 10).cache_text_embeddings) == (True, True)
+    big = resolve_auto_cache(auto, AUTO_CACHE_MAX_ROWS + 1)
+    assert (big.cache_latents, big.cache_text_embeddings) == (False, False)
+    flipped = resolve_auto_cache(TrainConfig(train_data_dir="x", random_flip=True), 10)
+    assert (flipped.cache_latents, flipped.cache_text_embeddings) == (False, True)  # flips must stay random
+    assert resolve_auto_cache(TrainConfig(train_data_dir="x", cache_latents=False), 10).cache_latents is False
+    assert resolve_auto_cache(auto, None).cache_text_embeddings is False  # a stream
+
+    data = write_image_folder(tmp_path / "data", n=4)
+    stats, comps = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "out", steps=2))
+    assert stats.global_step == 2 and list((tmp_path / "out" / "cache").glob("cache-*.safetensors"))
+    assert comps.vae is None and comps.text_encoder is None  # nothing in the loop needs them any more
+    saved = json.loads((tmp_path / "out" / "sd_distill_config.json").read_text())
+    assert saved["cache_latents"] is True and saved["cache_text_embeddings"] is True
