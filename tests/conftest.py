@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts and ends without accelerate's process-wide state from another test."""
+    from helpers import reset_accelerate_state
+
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny ``StableDiffusionPipeline`` folder (epsilon prediction)."""

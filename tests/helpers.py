@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -28,3 +29,26 @@ def train_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 4) 
         "--checkpointing_steps", "2", "--report_to", "none", "--default_prompt", "", "--learning_rate", "1e-3",
         *extra,
     ]
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; each in-process training run needs a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def lora_output_change(model_dir: Path, lora_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for a fixed input before and after stock diffusers loads the LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(x, 500, emb).sample
+        pipe.load_lora_weights(lora_dir)
+        after = pipe.unet(x, 500, emb).sample
+    return before, after

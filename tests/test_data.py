@@ -119,17 +119,13 @@ def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
 
 def test_training_from_a_stream(tiny_model_dir: Path, tmp_path: Path) -> None:
     import datasets
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from sd_distill.config import parse_args
     from sd_distill.train import run
 
     rows = {"image": [_png(i) for i in range(4)], "caption": [f"a thing {i}" for i in range(4)]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "s.parquet"))
-    try:
-        stats = run(parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "s.parquet"),
-                                "--streaming", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3",
-                                "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--default_prompt", ""]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
+    stats = run(parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "s.parquet"),
+                            "--streaming", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3",
+                            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--default_prompt", ""]))
     assert stats.global_step == 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import train_args, write_image_folder
+from helpers import lora_output_change, train_args, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles a small op
@@ -35,8 +35,6 @@ def _launch(config: str, argv: list[str], log: Path) -> None:
 
 @pytest.mark.parametrize("config", ["cpu_2proc_zero2.yaml", "cpu_2proc_zero3.yaml"])
 def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(config: str, wide_model_dir: Path, tmp_path: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-
     data = write_image_folder(tmp_path / "data", n=8)
     out = tmp_path / "out"
     common = ("--validation_steps", "2", "--num_validation_inference_steps", "2", "--default_prompt", "a red circle",
@@ -59,12 +57,6 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(config: st
         assert all("lora_" in k for k in saved_keys), [k for k in saved_keys if "lora_" not in k][:5]
 
     # The exported adapter loads in stock diffusers and changes what the UNet predicts.
-    pipe = StableDiffusionPipeline.from_pretrained(wide_model_dir)
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    emb = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = pipe.unet(x, 500, emb).sample
-        pipe.load_lora_weights(out)
-        after = pipe.unet(x, 500, emb).sample
+    before, after = lora_output_change(wide_model_dir, out)
     assert not torch.allclose(before, after, atol=1e-5)
     print(f"{config}: checkpoint {ckpt_bytes / 1024:.0f} KiB, UNet {unet_bytes / 1024:.0f} KiB")

@@ -2,17 +2,11 @@ from pathlib import Path
 
 import torch
 
+from helpers import lora_output_change
+
 
 def test_saved_lora_loads_in_stock_diffusers_and_changes_the_unet(tiny_model_dir: Path, tiny_lora_dir: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    emb = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = pipe.unet(x, 10, emb).sample
-        pipe.load_lora_weights(tiny_lora_dir)
-        after = pipe.unet(x, 10, emb).sample
+    before, after = lora_output_change(tiny_model_dir, tiny_lora_dir)
     assert not torch.allclose(before, after, atol=1e-4)
 
 

@@ -23,15 +23,6 @@ from sd_distill.config import parse_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 def _broken_folder(folder: Path) -> Path:
     """4 good RGB rows plus every kind of awkward row a scraped dataset has."""

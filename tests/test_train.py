@@ -9,20 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import train_args, write_image_folder
+from helpers import reset_accelerate_state, train_args, write_image_folder
 from sd_distill.config import parse_args
 from sd_distill.lora import adapter_is_enabled
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _run_capturing(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[Any, Any]:
@@ -124,17 +114,15 @@ def test_v_prediction_model_trains_with_min_snr_and_huber(fixture: str, request:
 
 
 def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     data = write_image_folder(tmp_path / "data", n=4)
     # center crop, no flip: the cached crop is then the one the uncached run draws
     common = ("--center_crop", "--checkpointing_steps", "1000")
     plain, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "a", *common, "--no-cache_latents", "--no-cache_text_embeddings", steps=2))
-    AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
+    reset_accelerate_state()
     cached, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "b", *common, "--no-cache_latents", "--cache_text_embeddings", steps=2))
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
     assert list((tmp_path / "b" / "cache").glob("cache-*.safetensors"))
-    AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state(), PartialState._reset_state()
+    reset_accelerate_state()
     latents, _ = _run_capturing(monkeypatch, train_args(tiny_model_dir, data, tmp_path / "c", *common, "--cache_latents", "--cache_text_embeddings", steps=2))
     assert latents.global_step == 2 and all(torch.isfinite(torch.tensor(latents.losses)))
 
