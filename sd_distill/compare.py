@@ -268,7 +268,6 @@ def _torch_dtype(name: str):
 def _scheduler_for(pipe: Any, name: str | None) -> Any:
     """A fresh scheduler instance (stateful schedulers must not be shared between pipelines)."""
     import diffusers
-    import torch
 
     cls = getattr(diffusers, SCHEDULERS[name]) if name else type(pipe.scheduler)
     return cls.from_config(pipe.scheduler.config)
