@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,12 +244,15 @@ def run(config: TrainConfig) -> Stats:
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     model = accelerator.unwrap_model(unet)  # the peft-carrying UNet (adapter toggles, saving)
 
-    def teacher():  # type: ignore[no-untyped-def]
+    @contextmanager
+    def teacher() -> Iterator[Any]:
+        """The module that plays the teacher: the separate UNet, or the adapter-disabled student
+        called through the (possibly DeepSpeed-wrapped) engine."""
         if separate_teacher is not None:
-            from contextlib import nullcontext
-
-            return nullcontext(separate_teacher)
-        return _shared_teacher(model, unet)
+            yield separate_teacher
+            return
+        with adapter_disabled(model):
+            yield unet
 
     _register_lora_only_state_hooks(accelerator, model, is_deepspeed)
     global_step = 0
@@ -338,7 +343,7 @@ def run(config: TrainConfig) -> Stats:
             if global_step % config.checkpointing_steps == 0 or stop.requested:
                 save_checkpoint(accelerator, model, config, global_step, protect=resume_from)
             if config.prompts_for_validation and global_step % config.validation_steps == 0:
-                run_validation(accelerator, model, unet, separate_teacher, components, config, global_step, weight_dtype)
+                run_validation(accelerator, model, separate_teacher, components, config, global_step, weight_dtype)
             if global_step >= max_steps or stop.requested:
                 break
         epoch += 1
@@ -354,7 +359,7 @@ def run(config: TrainConfig) -> Stats:
         logger.warning("interrupted at step %d; resume with --resume_from_checkpoint latest", global_step)
     else:
         if config.prompts_for_validation and global_step % config.validation_steps != 0:
-            run_validation(accelerator, model, unet, separate_teacher, components, config, global_step, weight_dtype)
+            run_validation(accelerator, model, separate_teacher, components, config, global_step, weight_dtype)
         save_final(accelerator, model, config)
     if accelerator.is_main_process:
         (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(asdict(stats), indent=2))
@@ -395,18 +400,6 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     module.to(device)
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
-
-
-def _shared_teacher(model: Any, engine: Any):  # type: ignore[no-untyped-def]
-    """The adapter-disabled student, called through the (possibly DeepSpeed-wrapped) engine."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def cm():  # type: ignore[no-untyped-def]
-        with adapter_disabled(model):
-            yield engine
-
-    return cm()
 
 
 def _accumulate_buckets(per_sample: torch.Tensor, t: torch.Tensor, components: Components, sums: torch.Tensor, counts: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def run_validation(accelerator: Any, model: Any, engine: Any, separate_teacher: Any, components: Components,
+def run_validation(accelerator: Any, model: Any, separate_teacher: Any, components: Components,
                    config: TrainConfig, step: int, weight_dtype: torch.dtype) -> None:
     """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
     (ZeRO-3 gathers parameters collectively), the main process writes the images."""
