@@ -73,4 +73,5 @@ def min_snr_weights(noise_scheduler: Any, t: torch.Tensor, gamma: float) -> torc
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
-    return clipped / snr
+    # A zero-terminal-SNR schedule has snr = 0 at t = T, where min(snr, gamma) / snr tends to 1.
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))

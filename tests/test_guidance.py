@@ -51,3 +51,17 @@ def test_huber_and_mse_losses_are_zero_only_at_equality() -> None:
         assert distillation_loss(a, a, kind).abs().max().item() == pytest.approx(0.0, abs=1e-9)
         assert distillation_loss(a, a + 1, kind).shape == (2,)
         assert distillation_loss(a, a + 1, kind).min().item() > 0.5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_stay_finite_on_a_zero_terminal_snr_schedule(prediction_type: str) -> None:
+    from diffusers import DDPMScheduler
+
+    from sd_distill.guidance import min_snr_weights
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type=prediction_type)
+    t = torch.tensor([0, 500, 999])
+    w = min_snr_weights(sched, t, 5.0)
+    assert torch.isfinite(w).all()
+    # Low noise (huge SNR) is down-weighted below the high-noise end.
+    assert w[0] < w[1]
