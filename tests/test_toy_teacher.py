@@ -59,14 +59,16 @@ def held_out_reports(toy_pipe):
     return guided, plain
 
 
-def test_teacher_follows_colour_and_size_of_unseen_prompts(held_out_reports) -> None:
-    # A model that ignored the caption would score ~0.25 on colour and ~0.5 on size.
-    guided, _ = held_out_reports
-    assert guided.per_attribute["colour"] >= 0.9, guided
-    assert guided.per_attribute["size"] >= 0.8, guided
+@pytest.mark.parametrize("guidance", ["guided", "plain"])
+def test_teacher_follows_colour_size_position_and_background_of_unseen_prompts(held_out_reports, guidance: str) -> None:
+    # Ignoring the caption would score ~0.25 on colour, 0.5 on size, 0.2 on position, 0.33 on background.
+    report = dict(zip(("guided", "plain"), held_out_reports))[guidance]
+    for attribute in ("colour", "size", "position", "background"):
+        assert report.per_attribute[attribute] >= 0.9, (attribute, report)
 
 
-@pytest.mark.xfail(reason="the shipped teacher has not learned position yet (model card: 0.07 at w=7.5)", strict=False)
+@pytest.mark.xfail(reason="shape is the teacher's weak attribute (model card: all-attributes 0.42 at w=7.5, 0.54 at w=1)",
+                   strict=False)
 def test_guidance_reaches_the_issue_target(held_out_reports) -> None:
     guided, plain = held_out_reports
     assert guided.score >= 0.8, guided
