@@ -42,14 +42,7 @@ def _env() -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
-    OpenMP threads made each 32 px image 10-50x slower (0.08 s -> 1-5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def _img(path: Path) -> np.ndarray:

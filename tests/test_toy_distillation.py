@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from sd_distill.compare import CompareConfig
 from sd_distill.compare import run as compare
@@ -21,14 +20,7 @@ TOY_SD = Path(__file__).resolve().parents[1] / "models" / "toy-sd"
 STEPS = 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; spinning OpenMP threads only slow a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.usefixtures("one_thread")
 def test_short_distillation_beats_the_unguided_teacher(tmp_path: Path) -> None:
     from sd_distill import train
 
