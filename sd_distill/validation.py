@@ -25,28 +25,30 @@ def run_validation(accelerator: Any, model: Any, separate_teacher: Any, componen
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     def pipe_with(unet: Any) -> Any:
-        return StableDiffusionPipeline(
+        pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
             scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     parked = components.vae.device != accelerator.device  # offloaded after caching (GPU runs)
     if parked:
         components.vae.to(accelerator.device), components.text_encoder.to(accelerator.device)
     model.eval()
     pipe = pipe_with(model)
-    pipe.set_progress_bar_config(disable=True)
+    teacher_pipe = pipe_with(separate_teacher) if separate_teacher is not None else None
     images: dict[str, list[Any]] = {"student": [], "teacher": []}
     seed = config.seed if config.seed is not None else 0
+    kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
     for prompt in config.prompts_for_validation:
-        kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
         with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             gen = torch.Generator(accelerator.device).manual_seed(seed)
             images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
             gen = torch.Generator(accelerator.device).manual_seed(seed)
-            if separate_teacher is not None:
-                images["teacher"].append(pipe_with(separate_teacher)(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
+            if teacher_pipe is not None:
+                images["teacher"].append(teacher_pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
             else:
                 with adapter_disabled(model):
                     images["teacher"].append(pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
