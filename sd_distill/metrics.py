@@ -28,14 +28,13 @@ def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 def psnr_ssim(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> dict[str, Any]:
     """Per-image and mean PSNR (dB, higher = closer), SSIM (1 = identical) and overall MSE."""
+    from torchmetrics.functional import mean_squared_error
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     p, t = to_tensor(preds), to_tensor(targets)
     psnr = [
         float(peak_signal_noise_ratio(p[i : i + 1], t[i : i + 1], data_range=1.0)) for i in range(len(p))
     ]
-    from torchmetrics.functional import mean_squared_error
-
     # MSE on [0, 1] pixels, all images together: the demo's "closer to the guided teacher" figure
     out: dict[str, Any] = {"psnr": mean(psnr), "psnr_per_image": psnr, "mse": float(mean_squared_error(p.reshape(-1), t.reshape(-1)))}
     if min(p.shape[-2:]) < SSIM_KERNEL:
