@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ def train_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 4) 
         "--checkpointing_steps", "2", "--report_to", "none", "--default_prompt", "", "--learning_rate", "1e-3",
         *extra,
     ]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process under test: hub offline, one OpenMP thread (on a busy
+    2-core machine spinning OpenMP threads made a tiny training step 25x slower)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
 def reset_accelerate_state() -> None:

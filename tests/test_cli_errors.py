@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import train_args, write_image_folder
+from helpers import subprocess_env, train_args, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +116,7 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
     proc = subprocess.run(
         [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "0", str(ROOT / "train_sd_distil_lora.py"),
          *train_args(tiny_model_dir, data, tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, env=subprocess_env(),
     )
     assert proc.returncode != 0
     assert "ZeRO stage 4" in proc.stderr and "stages 0, 1, 2 and 3" in proc.stderr

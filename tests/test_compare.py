@@ -4,7 +4,6 @@ outputs are complete and safe, 2 processes give the grid of 1, and the CLI fails
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import subprocess_env
 from sd_distill.compare import CompareConfig, run
 from sd_distill.grid import grid_size
 from sd_distill.prompts import read_prompts_file, slugify
@@ -36,10 +36,7 @@ COLUMN_KEYS = {"key", "guidance_scale", "seconds_per_image_median", "unet_evals_
 
 
 def _env() -> dict[str, str]:
-    return {
-        **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
+    return subprocess_env(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread

@@ -7,7 +7,6 @@ stalling CI (the seed recipe's main-process-only save hangs exactly there).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import lora_output_change, train_args, write_image_folder
+from helpers import lora_output_change, subprocess_env, train_args, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles a small op
@@ -23,7 +22,7 @@ TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles
 
 def _launch(config: str, argv: list[str], log: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     with open(log, "w") as handle:
         proc = subprocess.run(
             [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / config), "--main_process_port", "0",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import write_image_folder
+from helpers import subprocess_env, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -19,7 +19,7 @@ CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 
 def _env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    return subprocess_env(PATH=bin_dir + os.pathsep + os.environ["PATH"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import train_args, write_image_folder
+from helpers import subprocess_env, train_args, write_image_folder
 from sd_distill.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +118,9 @@ def _cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "train_sd_distil_lora.py"), *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 def _interrupt_when(cmd: list[str], marker: Path, sig: int, timeout: float = 300) -> int:
     """Start ``cmd``; send ``sig`` as soon as ``marker`` exists. Returns the exit status."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -142,7 +137,7 @@ def _lora(out: Path) -> dict[str, torch.Tensor]:
 def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", n=6)
     reference = tmp_path / "reference"
-    subprocess.run(_cmd(tiny_model_dir, data, reference), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(tiny_model_dir, data, reference), env=subprocess_env(), check=True, capture_output=True, timeout=300)
     expected = _lora(reference)
 
     # 1) SIGKILL right after the first checkpoint; leave a half-written checkpoint behind too,
@@ -154,7 +149,7 @@ def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_mod
     half = killed / ".checkpoint-99.tmp"
     half.mkdir(exist_ok=True)
     (half / "pytorch_lora_weights.safetensors").write_bytes(b"half")
-    subprocess.run(_cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"), env=subprocess_env(), check=True, capture_output=True, timeout=300)
     got = _lora(killed)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed run differs from the uninterrupted one"
@@ -165,7 +160,7 @@ def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_mod
     assert code == 130
     steps = sorted(int(p.name.split("-")[1]) for p in termed.glob("checkpoint-*"))
     assert steps and steps[-1] >= 6
-    subprocess.run(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"), env=subprocess_env(), check=True, capture_output=True, timeout=300)
     got = _lora(termed)
     assert all(torch.equal(got[k], expected[k]) for k in expected), "run resumed after SIGTERM differs"
 
