@@ -10,6 +10,12 @@ import torch
 
 # Attention projections of every transformer block: the usual diffusers LoRA targets.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# Attention, transformer projections and the ResNets (convolutions and their time-embedding input), as
+# LCM-LoRA trains. Needed when the caption also reaches the ResNets, as in the toy teacher, whose pooled
+# caption joins the time embedding (``addition_embed_type="text"``).
+RESNET_AND_ATTENTION_TARGET_MODULES: tuple[str, ...] = DEFAULT_TARGET_MODULES + (
+    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -65,18 +71,21 @@ def adapter_is_enabled(unet: torch.nn.Module) -> bool:
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter in the diffusers LoRA format (``unet.``-prefixed keys), on the CPU.
+    """The adapter as peft names it (``<module>.lora_A.weight`` / ``lora_B``), on the CPU.
+
+    This is the format current diffusers writes and ``load_lora_weights`` reads. It is *not*
+    passed through ``convert_state_dict_to_diffusers``: that renames only the attention keys to the
+    old ``lora.down``/``lora.up`` names, and a file mixing both is loaded with every attention
+    layer silently dropped (seen with diffusers 0.42.1 once the ResNets are adapted too).
 
     Under DeepSpeed ZeRO-3 the LoRA weights are partitioned across ranks; call this on every
     rank, it gathers just the adapter (not the frozen base) before reading it.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     with _gathered(list(lora_parameters(unet).values())):
         state = get_peft_model_state_dict(unet)
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    return convert_state_dict_to_diffusers(state)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 @contextlib.contextmanager

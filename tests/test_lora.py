@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import lora_output_change
@@ -25,3 +26,41 @@ def test_adapter_disabled_context_restores_adapter_and_grads(tiny_model_dir: Pat
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
         n for n, p in unet.named_parameters() if ".lora_" in n
     }
+
+
+@pytest.mark.parametrize("targets", ["attention", "resnets_and_attention"])
+def test_stock_loading_reproduces_the_trained_adapter_exactly(tiny_model_dir: Path, tmp_path: Path, targets: str) -> None:
+    """Every adapted module survives save -> stock ``load_lora_weights``: the loaded UNet's output
+    equals the trained one's (a dropped module, e.g. all attention layers, would not)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from sd_distill.lora import (
+        DEFAULT_TARGET_MODULES,
+        RESNET_AND_ATTENTION_TARGET_MODULES,
+        attach_lora,
+        lora_state_dict,
+        save_lora,
+    )
+
+    modules = DEFAULT_TARGET_MODULES if targets == "attention" else RESNET_AND_ATTENTION_TARGET_MODULES
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    params = attach_lora(unet, rank=4, target_modules=modules)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+    save_lora(lora_state_dict(unet), tmp_path)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(tmp_path)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16)
+    t = torch.tensor([500])
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        trained = unet(x, t, cond).sample
+        loaded = pipe.unet(x, t, cond).sample
+        pipe.unet.disable_adapters()
+        base = pipe.unet(x, t, cond).sample
+    assert not torch.allclose(trained, base, atol=1e-3)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
