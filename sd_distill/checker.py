@@ -4,9 +4,15 @@ It reads the five attributes back from pixel statistics, with no learned model:
 
 * background: the median colour of the border ring, nearest background palette colour;
 * foreground: the largest 4-connected blob of pixels far from that background colour; its median
-  colour gives the colour, its bounding box the size (extent) and the position (box centre);
-* shape: an apex-up triangle has about a third of its area in the top half of its box (square and
-  circle: half); between square and circle, the fill ratio of the box (1.0 against pi/4) decides.
+  colour gives the colour. The blob is then taken again from the pixels that are also nearer that
+  colour than the background, so that specks of other colours (which strong guidance leaves on a
+  gray background) do not join it;
+* shape, size, position: how much of each pixel in and around the blob the shape covers is read from
+  where its colour lies between background and foreground (blurred or block-averaged edges are
+  partial). Each candidate shape (circle, square, apex-up triangle) is drawn with that coverage's
+  area and centroid, and the one closest to it at half resolution wins; its side gives the size and
+  its box centre the position. Area and centroid, unlike a bounding box, hardly move when a speck
+  sticks to an edge, and comparing 2x2-pixel cells keeps a ragged one-pixel edge from deciding.
 
 An image adheres to its caption when all five attributes match. Shuffled captions therefore score
 near zero, and a model that ignores its caption scores near zero as well.
@@ -22,7 +28,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sd_distill.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SIZES, Scene
+from sd_distill.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SIZES,
+    Scene,
+    shape_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +45,8 @@ ATTRIBUTES = ("size", "colour", "shape", "position", "background")
 FOREGROUND_DISTANCE = 80.0
 MIN_BLOB_PIXELS = 6
 LARGE_EXTENT_PX = (SIZES["small"] + SIZES["large"]) / 2
-TRIANGLE_TOP_SHARE = 0.4  # top-half share of the area: triangle ~0.25, square/circle ~0.5
-SQUARE_FILL = 0.9  # area / box area: square 1.0, circle ~0.8
+# Area of each shape relative to the square of its side (bounding-box extent).
+SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 
 _CAPTION = re.compile(
     rf"^a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>circle|square|triangle)"
@@ -97,25 +110,68 @@ def read_scene(image: Any) -> dict[str, str | None]:
     reading: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
     reading["background"] = _nearest(bg, BACKGROUNDS)
 
-    blob = _largest_blob(np.linalg.norm(img - bg, axis=-1) > FOREGROUND_DISTANCE)
-    area = int(blob.sum())
-    if area < MIN_BLOB_PIXELS:
+    far_from_bg = np.linalg.norm(img - bg, axis=-1) > FOREGROUND_DISTANCE
+    blob = _largest_blob(far_from_bg)
+    if blob.sum() < MIN_BLOB_PIXELS:
         return reading
-    reading["colour"] = _nearest(np.median(img[blob], axis=0), COLOURS)
+    colour = _nearest(np.median(img[blob], axis=0), COLOURS)
+    reading["colour"] = colour
+    nearer_fg = np.linalg.norm(img - np.asarray(COLOURS[colour], dtype=np.float64), axis=-1) < np.linalg.norm(
+        img - bg, axis=-1
+    )
+    blob = _largest_blob(far_from_bg & nearer_fg)
+    if blob.sum() < MIN_BLOB_PIXELS:  # the median colour came from specks: read it as no shape
+        return reading
 
-    ys, xs = np.nonzero(blob)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    reading["size"] = "large" if max(y1 - y0, x1 - x0) >= LARGE_EXTENT_PX else "small"
-    centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+    shape, side, centre = _closest_shape(_coverage(img, bg, np.asarray(COLOURS[colour], dtype=np.float64), blob))
+    reading["shape"] = shape
+    reading["size"] = "large" if side >= LARGE_EXTENT_PX else "small"
     reading["position"] = min(POSITIONS, key=lambda p: float(np.linalg.norm(centre - np.asarray(POSITIONS[p]))))
-
-    mid = (y0 + y1) / 2
-    top_share = float((ys + 0.5 < mid).sum() + 0.5 * (ys + 0.5 == mid).sum()) / area
-    if top_share < TRIANGLE_TOP_SHARE:
-        reading["shape"] = "triangle"
-    else:
-        reading["shape"] = "square" if area / ((y1 - y0) * (x1 - x0)) >= SQUARE_FILL else "circle"
     return reading
+
+
+def _coverage(img: np.ndarray, bg: np.ndarray, fg: np.ndarray, blob: np.ndarray) -> np.ndarray:
+    """How much of each pixel the shape covers (0-1), from where its colour lies between bg and fg.
+
+    A blurred or block-averaged edge pixel is a mix of the two colours; its share keeps the
+    difference between a square's filled corner and a circle's rounded one. Only pixels in or next to
+    the blob count, so specks elsewhere add nothing.
+    """
+    axis = fg - bg
+    share = np.clip((img - bg) @ axis / float(axis @ axis), 0.0, 1.0)
+    near = blob.copy()
+    near[1:] |= blob[:-1]
+    near[:-1] |= blob[1:]
+    near[:, 1:] |= blob[:, :-1]
+    near[:, :-1] |= blob[:, 1:]
+    return np.where(near, share, 0.0)
+
+
+def _closest_shape(cover: np.ndarray) -> tuple[str, float, np.ndarray]:
+    """The candidate shape that, drawn with the coverage's area and centroid, best matches it.
+
+    Returns the shape, its side (extent) and its box centre ``(x, y)``.
+    """
+    h, w = cover.shape
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    area = float(cover.sum())
+    gx, gy = float((xs * cover).sum()) / area, float((ys * cover).sum()) / area
+    best: tuple[str, float, np.ndarray] = ("", 0.0, np.zeros(2))
+    best_err = np.inf
+    for shape, rel_area in SHAPE_AREA.items():
+        side = float(np.sqrt(area / rel_area))
+        # A triangle's centroid lies a third of the way up from its base: move to its box centre.
+        cy = gy - side / 6 if shape == "triangle" else gy
+        err = float(((_half_res(shape_mask(shape, gx, cy, side, xs, ys)) - _half_res(cover)) ** 2).sum())
+        if err < best_err:
+            best, best_err = (shape, side, np.array([gx, cy])), err
+    return best
+
+
+def _half_res(mask: np.ndarray) -> np.ndarray:
+    """Mean of ``mask`` over each 2x2 cell (an odd last row/column is dropped)."""
+    h, w = mask.shape[0] // 2 * 2, mask.shape[1] // 2 * 2
+    return mask[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
 
 
 @dataclass

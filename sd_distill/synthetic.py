@@ -3,7 +3,7 @@
 Every caption names five attributes (size, colour, shape, position, background), so a model that
 ignores the caption gets most of them wrong; that is what lets the toy teacher show that
 classifier-free guidance matters. Images are 32x32: the shapes stay recognisable (the smallest is
-8 px across) while a teacher training step on one CPU thread stays cheap (the toy VAE maps them to
+10 px across) while a teacher training step on one CPU thread stays cheap (the toy VAE maps them to
 a 16x16 latent; at 64x64 each step would cost ~4x more). Shapes are drawn without anti-aliasing so
 that ``sd_distill.checker`` can read them back from pixel statistics alone.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 
@@ -39,7 +39,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Nominal side (bounding-box extent) in pixels; each image jitters it by up to +-1 px.
-SIZES: dict[str, float] = {"small": 8.0, "large": 14.0}
+SIZES: dict[str, float] = {"small": 10.0, "large": 16.0}
 # Nominal bounding-box centre (x, y) in pixels; each image jitters it by up to +-1 px.
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (9.0, 9.0),
@@ -95,6 +95,20 @@ def train_scenes() -> list[Scene]:
     return [s for s in all_scenes() if s not in held]
 
 
+def shape_mask(shape: str, cx: float, cy: float, side: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Which of the points ``(xs, ys)`` a ``shape`` with box centre ``(cx, cy)`` and extent ``side`` covers."""
+    half = side / 2
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
+    if shape == "square":
+        return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    if shape == "triangle":
+        # Isosceles, apex up: the half-width grows from 0 at the top to ``half`` at the base.
+        top = cy - half
+        return (ys >= top) & (ys <= cy + half) & (np.abs(xs - cx) <= (ys - top) / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
 def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw ``scene`` as a ``[32, 32, 3]`` uint8 image; ``rng`` jitters size and position."""
     side = SIZES[scene.size]
@@ -105,32 +119,43 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
         cy += rng.uniform(-JITTER_PX, JITTER_PX)
     # Pixel centres, so a shape's coverage does not depend on which way it is rounded.
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
-    half = side / 2
-    if scene.shape == "circle":
-        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
-    elif scene.shape == "square":
-        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-    elif scene.shape == "triangle":
-        # Isosceles, apex up: the half-width grows from 0 at the top to ``half`` at the base.
-        top = cy - half
-        mask = (ys >= top) & (ys <= cy + half) & (np.abs(xs - cx) <= (ys - top) / 2)
-    else:
-        raise ValueError(f"unknown shape {scene.shape!r}")
+    mask = shape_mask(scene.shape, cx, cy, side, xs, ys)
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUNDS[scene.background]
     image[mask] = COLOURS[scene.colour]
     return image
 
 
-def make_dataset(n: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """``n`` images with their captions, drawn uniformly from ``train_scenes()``; same seed, same set."""
+def make_dataset(n: int, seed: int, caption_noise: float = 0.0) -> tuple[list[np.ndarray], list[str]]:
+    """``n`` images with their captions, drawn uniformly from ``train_scenes()``; same seed, same set.
+
+    ``caption_noise`` is the share of captions that name one attribute wrongly (the image is
+    unchanged), like web alt-text that only partly describes its image. A model trained on such
+    captions samples the mistakes back without guidance; guidance, which favours images that the
+    caption explains better than the empty one, removes most of them. A wrong caption is never a
+    held-out one.
+    """
     rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng([seed, 1])  # its own stream: the images do not depend on the noise
     scenes = train_scenes()
+    allowed = set(scenes)
     images, captions = [], []
     for i in rng.integers(len(scenes), size=n):
         images.append(render(scenes[i], rng))
-        captions.append(scenes[i].caption())
+        named = _misnamed(scenes[i], noise_rng, allowed) if noise_rng.random() < caption_noise else scenes[i]
+        captions.append(named.caption())
     return images, captions
+
+
+def _misnamed(scene: Scene, rng: np.random.Generator, allowed: set[Scene]) -> Scene:
+    """``scene`` with one attribute, drawn uniformly, set to another of its values (within ``allowed``)."""
+    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
+    while True:
+        attribute = str(rng.choice(list(choices)))
+        value = str(rng.choice([v for v in choices[attribute] if v != getattr(scene, attribute)]))
+        wrong = replace(scene, **{attribute: value})
+        if wrong in allowed:
+            return wrong
 
 
 def write_imagefolder(out_dir: str | Path, n: int = 4096, seed: int = 0) -> Path:

@@ -80,3 +80,32 @@ def test_checker_rejects_foreign_text_and_blank_images() -> None:
     report = adherence([blank], ["a small red circle in the center on a white background"])
     assert report.score == 0.0
     assert report.per_attribute["background"] == 1.0
+
+
+def test_checker_reads_block_averaged_and_speckled_images() -> None:
+    """What the toy VAE returns (2x2 means, upsampled) and specks on the background still read right."""
+    import numpy as np
+
+    images, captions = make_dataset(300, seed=4)
+    x = np.stack(images).astype(np.float64)  # [N, 32, 32, 3]
+    blocks = x.reshape(-1, 16, 2, 16, 2, 3).mean(axis=(2, 4)).repeat(2, axis=1).repeat(2, axis=2)
+    assert adherence(list(blocks.round().astype(np.uint8)), captions).score >= 0.97
+
+    rng = np.random.default_rng(0)
+    specks = rng.random(x.shape[:3]) < 0.05  # 5 % of pixels set to random colours
+    speckled = np.where(specks[..., None], rng.integers(0, 256, x.shape), x).astype(np.uint8)
+    assert adherence(list(speckled), captions).score >= 0.9
+
+
+def test_caption_noise_misnames_one_attribute_and_leaves_images_alone() -> None:
+    import numpy as np
+
+    images, captions = make_dataset(1000, seed=0)
+    noisy_images, noisy = make_dataset(1000, seed=0, caption_noise=0.4)
+    assert all(np.array_equal(a, b) for a, b in zip(images, noisy_images))
+    assert make_dataset(50, seed=0, caption_noise=0.4)[1] == noisy[:50]
+    changed = [(parse_caption(a), parse_caption(b)) for a, b in zip(captions, noisy) if a != b]
+    assert 0.35 <= len(changed) / len(captions) <= 0.45
+    attrs = ("size", "colour", "shape", "position", "background")
+    assert all(sum(getattr(t, a) != getattr(n, a) for a in attrs) == 1 for t, n in changed)
+    assert not set(held_out_prompts()) & set(noisy)
