@@ -5,14 +5,20 @@ Stages (read top to bottom):
      (inside the open_clip_torch wheel; fetch it without installing: see --clip_bpe);
   2. VAE: a 2-block AutoencoderKL with *set* weights (no training): 32x32x3 images <-> 16x16x4
      latents that are the 2x2-average-pooled image (see ``fixed_vae``);
-  3. UNet + text encoder, trained together from scratch on cached latents with caption dropout
+  3. UNet + text encoder, trained together (from scratch, or from --init_from) on cached latents with caption dropout
      (so classifier-free guidance works), v-prediction on a zero-terminal-SNR schedule, half of each
      batch at high noise, and an EMA of the weights;
   4. save the EMA pipeline (safetensors) and score held-out prompts with and without guidance.
 
-The shipped model is this command with its defaults (models/toy-sd/README.md has the time it took):
+The shipped model is two runs of this script (models/toy-sd/README.md has the times): stage 1 with
+the defaults (clean captions), stage 2 from stage 1's folder on captions that often misname one
+attribute, so that without guidance the teacher draws those mistakes and guidance matters:
     pip download --no-deps open_clip_torch==3.3.0 -d /tmp/oc
-    OMP_NUM_THREADS=1 python scripts/train_toy_teacher.py --clip_bpe /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl
+    BPE=/tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl
+    OMP_NUM_THREADS=1 python scripts/train_toy_teacher.py --clip_bpe $BPE --output_dir /tmp/toy-clean \\
+        --work_dir /tmp/toy-clean-work
+    OMP_NUM_THREADS=1 python scripts/train_toy_teacher.py --clip_bpe $BPE --init_from /tmp/toy-clean \\
+        --caption_noise 0.7 --unet_steps 500 --lr 1e-3 --eval_every 250
 (or ``--tokenizer_dir models/toy-sd/tokenizer`` to reuse the shipped tokenizer instead of the wheel).
 """
 
@@ -71,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup_steps", type=int, default=50)
     p.add_argument("--caption_dropout", type=float, default=0.12, help="share of empty captions")
+    p.add_argument("--caption_noise", type=float, default=0.0,
+                   help="share of training captions that name one attribute wrongly (sd_distill.synthetic.make_dataset); "
+                        "the shipped model's second stage used 0.7")
+    p.add_argument("--init_from", help="start the UNet and text encoder from this saved pipeline (a second stage)")
+    p.add_argument("--snapshot_evals", action="store_true",
+                   help="also save the EMA pipeline at every evaluation, to <work_dir>/step-<N>")
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -266,7 +278,7 @@ def build_pipeline(unet, vae, text_encoder, tokenizer):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     # SD's betas, rescaled to zero terminal SNR (see ZERO_SNR).
-    scheduler = DDIMScheduler(**SD_BETAS, **ZERO_SNR, clip_sample=False, set_alpha_to_one=False)
+    scheduler = DDIMScheduler(**SD_BETAS, **ZERO_SNR, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -288,7 +300,18 @@ def train_unet(args, latents: torch.Tensor, caption_ids: torch.Tensor, tokenizer
     """``latents`` [N, 4, 16, 16] (scaled), ``caption_ids`` [N, 77]; returns EMA (unet, text_encoder)."""
     from diffusers import DDPMScheduler
 
-    unet, text_encoder = build_unet(args.unet_levels, args.text_film), build_text_encoder(tokenizer)
+    if args.init_from:  # a second stage: go on from a saved pipeline (its UNet layout wins over the flags)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from diffusers.configuration_utils import FrozenDict
+
+        unet = UNet2DConditionModel.from_pretrained(Path(args.init_from) / "unet")
+        # Keep the source path out of the saved config.
+        unet._internal_dict = FrozenDict({k: v for k, v in unet.config.items() if k != "_name_or_path"})
+        text_encoder = CLIPTextModel.from_pretrained(Path(args.init_from) / "text_encoder")
+    else:
+        unet, text_encoder = build_unet(args.unet_levels, args.text_film), build_text_encoder(tokenizer)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
@@ -335,6 +358,8 @@ def train_unet(args, latents: torch.Tensor, caption_ids: torch.Tensor, tokenizer
             history.append({"step": step, "seconds": time.time() - t0, **scores})
             log.info("eval step %d: %s", step, {k: (round(v["adherence"], 3), {a: round(x, 2) for a, x in v["per_attribute"].items()})
                                                 for k, v in scores.items()})
+            if args.snapshot_evals:
+                pipe.save_pretrained(Path(args.work_dir) / f"step-{step}", safe_serialization=True)
     return ema_unet.eval(), ema_te.eval(), history, time.time() - t0
 
 
@@ -351,11 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
 
     tokenizer = load_tokenizer(args)
-    images, captions = make_dataset(args.n_images, args.seed)
+    images, captions = make_dataset(args.n_images, args.seed, caption_noise=args.caption_noise)
     pixels = to_tensor(images)  # [N, 3, 32, 32]
 
     vae = fixed_vae()  # nothing to train: its reconstructions bound what the teacher can score
-    vae_score = vae_reconstruction_adherence(vae, pixels, captions)
+    # Scored against the true captions: the bound on what any teacher built on this VAE can read back.
+    vae_score = vae_reconstruction_adherence(vae, pixels, make_dataset(args.n_images, args.seed)[1])
     log.info("VAE reconstruction adherence %.3f", vae_score)
 
     raw = encode_all(vae, pixels)  # [N, 4, 16, 16]
@@ -364,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     latents = raw * scaling_factor
     log.info("latent std %.3f -> scaling_factor %.4f", raw.std().item(), scaling_factor)
 
-    # Only 324 distinct captions: tokenize each once.
+    # Only a few hundred distinct captions: tokenize each once.
     uniq = sorted(set(captions))
     uniq_ids = tokenizer(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     pos = {c: i for i, c in enumerate(uniq)}

@@ -52,27 +52,35 @@ def test_generates_a_32px_image(toy_pipe) -> None:
 
 @pytest.fixture(scope="module")
 def held_out_reports(toy_pipe):
-    """Held-out adherence with guidance 7.5 and without (1), 20 DDIM steps, one image per prompt."""
+    """Held-out adherence with guidance 7.5 and without (1): the model card's protocol (4 images per prompt)."""
     prompts = held_out_prompts()
-    guided = pipeline_adherence(toy_pipe, prompts, guidance_scale=7.5, num_inference_steps=20, seed=1)
-    plain = pipeline_adherence(toy_pipe, prompts, guidance_scale=1.0, num_inference_steps=20, seed=1)
+    kwargs = dict(num_inference_steps=20, images_per_prompt=4, seed=0)
+    guided = pipeline_adherence(toy_pipe, prompts, guidance_scale=7.5, **kwargs)
+    plain = pipeline_adherence(toy_pipe, prompts, guidance_scale=1.0, **kwargs)
     return guided, plain
 
 
-@pytest.mark.parametrize("guidance", ["guided", "plain"])
-def test_teacher_follows_colour_size_position_and_background_of_unseen_prompts(held_out_reports, guidance: str) -> None:
-    # Ignoring the caption would score ~0.25 on colour, 0.5 on size, 0.2 on position, 0.33 on background.
-    report = dict(zip(("guided", "plain"), held_out_reports))[guidance]
-    for attribute in ("colour", "size", "position", "background"):
-        assert report.per_attribute[attribute] >= 0.9, (attribute, report)
+def test_guided_teacher_follows_every_attribute_of_unseen_prompts(held_out_reports) -> None:
+    # Ignoring the caption would score ~0.25 on colour, 0.5 on size, 0.2 on position, 0.33 on
+    # background and shape.
+    guided, _ = held_out_reports
+    for attribute, score in guided.per_attribute.items():
+        assert score >= 0.85, (attribute, guided)
 
 
-@pytest.mark.xfail(reason="shape is the teacher's weak attribute (model card: all-attributes 0.42 at w=7.5, 0.54 at w=1)",
-                   strict=False)
 def test_guidance_reaches_the_issue_target(held_out_reports) -> None:
+    """Issue 5: >= 0.8 with guidance and >= 0.2 above guidance 1 (model card: 0.83 against 0.47)."""
     guided, plain = held_out_reports
     assert guided.score >= 0.8, guided
     assert guided.score >= plain.score + 0.2, (guided, plain)
+
+
+def test_unguided_teacher_reproduces_its_caption_noise_but_stays_on_topic(held_out_reports) -> None:
+    # Trained last on captions that misname one attribute 70 % of the time: without guidance each
+    # attribute is mostly right, but all five together often are not.
+    _, plain = held_out_reports
+    assert all(score >= 0.6 for score in plain.per_attribute.values()), plain
+    assert plain.score <= 0.7, plain
 
 
 def test_vae_latent_is_the_pooled_image(toy_pipe) -> None:
