@@ -14,6 +14,7 @@ import pytest
 from sd_distill.compare import CompareConfig
 from sd_distill.compare import run as compare
 from sd_distill.config import parse_args
+from sd_distill.lora import RESNET_AND_ATTENTION_TARGET_MODULES
 from sd_distill.synthetic import held_out_prompts, write_imagefolder
 
 TOY_SD = Path(__file__).resolve().parents[1] / "models" / "toy-sd"
@@ -31,6 +32,7 @@ def test_short_distillation_beats_the_unguided_teacher(tmp_path: Path) -> None:
         "--resolution", "32", "--train_batch_size", "16", "--max_train_steps", str(STEPS), "--learning_rate", "1e-3",
         "--lora_rank", "16", "--guidance_scale", "7.5", "--cache_latents", "--cache_text_embeddings",
         "--checkpointing_steps", str(STEPS), "--report_to", "none", "--default_prompt", "", "--seed", "0",
+        "--lora_target_modules", *RESNET_AND_ATTENTION_TARGET_MODULES,
     ]))
     assert stats.global_step == STEPS
 
