@@ -27,7 +27,7 @@ TOY_TEACHER = ROOT / "models" / "toy-sd"
 GUIDANCE_SCALE = 7.5
 # Tuned on 2 CPU cores so that steps 2-4 finish in a few minutes.
 TRAIN_ROWS = 1024
-TRAIN_STEPS = 300
+TRAIN_STEPS = 500  # 300 steps: distilled adherence 0.67 against the guided 0.92; 500: 0.83 (>= 0.9x)
 BATCH_SIZE = 16
 LEARNING_RATE = 1e-3
 LORA_RANK = 16
