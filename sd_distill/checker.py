@@ -29,9 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from sd_distill.synthetic import (
+    ATTRIBUTE_VALUES,
     BACKGROUNDS,
     COLOURS,
     POSITIONS,
+    SHAPES,
     SIZES,
     Scene,
     shape_mask,
@@ -39,7 +41,7 @@ from sd_distill.synthetic import (
 
 logger = logging.getLogger(__name__)
 
-ATTRIBUTES = ("size", "colour", "shape", "position", "background")
+ATTRIBUTES = tuple(ATTRIBUTE_VALUES)  # size, colour, shape, position, background
 # A pixel is foreground when its RGB distance (0-255 units) from the background exceeds this; the
 # closest foreground/background pair (green on gray) is ~150 apart.
 FOREGROUND_DISTANCE = 80.0
@@ -49,7 +51,7 @@ LARGE_EXTENT_PX = (SIZES["small"] + SIZES["large"]) / 2
 SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 
 _CAPTION = re.compile(
-    rf"^a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>circle|square|triangle)"
+    rf"^a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)})"
     rf" in the (?P<position>{'|'.join(POSITIONS)}) on a (?P<background>{'|'.join(BACKGROUNDS)}) background$"
 )
 
@@ -110,20 +112,19 @@ def read_scene(image: Any) -> dict[str, str | None]:
     reading: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
     reading["background"] = _nearest(bg, BACKGROUNDS)
 
-    far_from_bg = np.linalg.norm(img - bg, axis=-1) > FOREGROUND_DISTANCE
+    to_bg = np.linalg.norm(img - bg, axis=-1)
+    far_from_bg = to_bg > FOREGROUND_DISTANCE
     blob = _largest_blob(far_from_bg)
     if blob.sum() < MIN_BLOB_PIXELS:
         return reading
     colour = _nearest(np.median(img[blob], axis=0), COLOURS)
     reading["colour"] = colour
-    nearer_fg = np.linalg.norm(img - np.asarray(COLOURS[colour], dtype=np.float64), axis=-1) < np.linalg.norm(
-        img - bg, axis=-1
-    )
-    blob = _largest_blob(far_from_bg & nearer_fg)
+    fg = np.asarray(COLOURS[colour], dtype=np.float64)
+    blob = _largest_blob(far_from_bg & (np.linalg.norm(img - fg, axis=-1) < to_bg))
     if blob.sum() < MIN_BLOB_PIXELS:  # the median colour came from specks: read it as no shape
         return reading
 
-    shape, side, centre = _closest_shape(_coverage(img, bg, np.asarray(COLOURS[colour], dtype=np.float64), blob))
+    shape, side, centre = _closest_shape(_coverage(img, bg, fg, blob))
     reading["shape"] = shape
     reading["size"] = "large" if side >= LARGE_EXTENT_PX else "small"
     reading["position"] = min(POSITIONS, key=lambda p: float(np.linalg.norm(centre - np.asarray(POSITIONS[p]))))

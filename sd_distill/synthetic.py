@@ -49,6 +49,11 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "center": (16.0, 16.0),
 }
 JITTER_PX = 1.0
+# Every attribute a caption names, in ``Scene``'s field order, with its values.
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES,
+    "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS),
+}
 
 # Which combinations are held out is fixed (not tied to a data seed), so every training set made by
 # this module leaves out the same prompts.
@@ -73,7 +78,7 @@ class Scene:
 
 def all_scenes() -> list[Scene]:
     """Every attribute combination (4 colours x 3 shapes x 2 sizes x 5 positions x 3 backgrounds)."""
-    return [Scene(*combo) for combo in product(SIZES, COLOURS, SHAPES, POSITIONS, BACKGROUNDS)]
+    return [Scene(*combo) for combo in product(*ATTRIBUTE_VALUES.values())]
 
 
 def held_out_scenes() -> list[Scene]:
@@ -149,10 +154,9 @@ def make_dataset(n: int, seed: int, caption_noise: float = 0.0) -> tuple[list[np
 
 def _misnamed(scene: Scene, rng: np.random.Generator, allowed: set[Scene]) -> Scene:
     """``scene`` with one attribute, drawn uniformly, set to another of its values (within ``allowed``)."""
-    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
     while True:
-        attribute = str(rng.choice(list(choices)))
-        value = str(rng.choice([v for v in choices[attribute] if v != getattr(scene, attribute)]))
+        attribute = str(rng.choice(list(ATTRIBUTE_VALUES)))
+        value = str(rng.choice([v for v in ATTRIBUTE_VALUES[attribute] if v != getattr(scene, attribute)]))
         wrong = replace(scene, **{attribute: value})
         if wrong in allowed:
             return wrong

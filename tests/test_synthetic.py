@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_distill.checker import adherence, parse_caption, read_scene
+from sd_distill.checker import ATTRIBUTES, adherence, parse_caption, read_scene
 from sd_distill.synthetic import (
     all_scenes,
     held_out_prompts,
@@ -106,6 +106,5 @@ def test_caption_noise_misnames_one_attribute_and_leaves_images_alone() -> None:
     assert make_dataset(50, seed=0, caption_noise=0.4)[1] == noisy[:50]
     changed = [(parse_caption(a), parse_caption(b)) for a, b in zip(captions, noisy) if a != b]
     assert 0.35 <= len(changed) / len(captions) <= 0.45
-    attrs = ("size", "colour", "shape", "position", "background")
-    assert all(sum(getattr(t, a) != getattr(n, a) for a in attrs) == 1 for t, n in changed)
+    assert all(sum(getattr(t, a) != getattr(n, a) for a in ATTRIBUTES) == 1 for t, n in changed)
     assert not set(held_out_prompts()) & set(noisy)
