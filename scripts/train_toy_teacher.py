@@ -302,9 +302,8 @@ def train_unet(args, latents: torch.Tensor, caption_ids: torch.Tensor, tokenizer
 
     if args.init_from:  # a second stage: go on from a saved pipeline (its UNet layout wins over the flags)
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         from diffusers.configuration_utils import FrozenDict
+        from transformers import CLIPTextModel
 
         unet = UNet2DConditionModel.from_pretrained(Path(args.init_from) / "unet")
         # Keep the source path out of the saved config.
@@ -381,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
 
     vae = fixed_vae()  # nothing to train: its reconstructions bound what the teacher can score
     # Scored against the true captions: the bound on what any teacher built on this VAE can read back.
-    vae_score = vae_reconstruction_adherence(vae, pixels, make_dataset(args.n_images, args.seed)[1])
+    true_captions = make_dataset(args.n_images, args.seed)[1] if args.caption_noise > 0 else captions
+    vae_score = vae_reconstruction_adherence(vae, pixels, true_captions)
     log.info("VAE reconstruction adherence %.3f", vae_score)
 
     raw = encode_all(vae, pixels)  # [N, 4, 16, 16]
