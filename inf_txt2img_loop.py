@@ -1,7 +1,7 @@
-"""Base (CFG) vs distilled side by side: parse -> sd_distill.compare.run(config) -> short summary.
+"""Base (CFG) vs distilled side by side: parse -> sd_distill.eval.compare.run(config) -> short summary.
 
-    python inf_txt2img_loop.py --ft_model ./sd-distill-v21 --out_dir compare_out
-    accelerate launch --num_processes 2 inf_txt2img_loop.py --ft_model ./sd-distill-v21   # prompts split
+python inf_txt2img_loop.py --ft_model ./sd-distill-v21 --out_dir compare_out
+accelerate launch --num_processes 2 inf_txt2img_loop.py --ft_model ./sd-distill-v21   # prompts split
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import logging
 import os
 import sys
 
-from sd_distill.compare import CompareError, parse_args, run
+from sd_distill.eval.compare import CompareError, parse_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # other ranks log warnings only
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     config = parse_args(argv)
     try:
         report = run(config)
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         print(f"grid: {os.path.join(config.out_dir, report['grid'])}")
         for c in report["columns"]:
-            print(f"{c['title']:>15}: {c['seconds_per_image_median']:.4f} s/image, {c['unet_evals_per_image']:g} UNet evals/image")
+            print(
+                f"{c['title']:>15}: {c['seconds_per_image_median']:.4f} s/image, "
+                f"{c['unet_evals_per_image']:g} UNet evals/image"
+            )
         print(f"speed ratio (base / distilled time): {report['speed_ratio_distilled_over_base']:.2f}x")
     return 0
 

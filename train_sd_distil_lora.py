@@ -13,8 +13,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd_distill.config import ConfigError, parse_args
-    from sd_distill.train import TrainingError, run
+    from sd_distill.train import ConfigError, TrainingError, parse_args, run
 
     try:
         config = parse_args(argv)

@@ -51,8 +51,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleave(variants: dict[str, Callable[[], float]], rounds: int, warmup: int,
-               samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+def interleave(
+    variants: dict[str, Callable[[], float]], rounds: int, warmup: int, samples: dict[str, list[float]] | None = None
+) -> dict[str, float]:
     """Median seconds per variant. Each round runs every variant once; the order rotates by one
     each round, so no variant always runs first (or right after the same neighbour).
     ``samples`` (if given) receives every timed repetition."""
@@ -99,7 +100,9 @@ class TwoPassUNet:
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
 
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kw: Any) -> tuple[torch.Tensor]:
+    def __call__(
+        self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kw: Any
+    ) -> tuple[torch.Tensor]:
         halves = zip(sample.chunk(2), t.chunk(2), encoder_hidden_states.chunk(2))
         outs = [self.unet(x, tt, encoder_hidden_states=e, **kw)[0] for x, tt, e in halves]
         return (torch.cat(outs),)
@@ -109,9 +112,10 @@ class Trainer:
     """Everything one training step needs, set up as ``train.py`` does (LoRA rank 4, AdamW)."""
 
     def __init__(self, parts: Parts, case: TrainCase, resolution: int, arch: str) -> None:
-        from sd_distill.config import TrainConfig
         from sd_distill.lora import attach_lora
         from sd_distill.models import Components, encode_prompts
+        from sd_distill.train.config import TrainConfig
+        from sd_distill.train.recipe import build_objective
 
         self.parts, self.case, self.resolution = parts, case, resolution
         unet = parts.unet
@@ -140,7 +144,13 @@ class Trainer:
             "latents": torch.randn(1, parts.latent_channels, lat, lat, generator=g),
             "text_embeddings": torch.randn(1, 77, parts.text_dim, generator=g),
         }
-        self.raw_batch = {"pixel_values": torch.rand(1, 3, resolution, resolution, generator=g) * 2 - 1, "caption": [PROMPT]}
+        self.raw_batch = {
+            "pixel_values": torch.rand(1, 3, resolution, resolution, generator=g) * 2 - 1,
+            "caption": [PROMPT],
+        }
+        self.objective = build_objective(
+            self.config, self.components, self.uncond, torch.float32
+        )  # as setup() builds it
         self.n = 0
 
     def teacher(self, two_pass: bool) -> Callable[[], Any]:
@@ -158,16 +168,18 @@ class Trainer:
         return shared
 
     def step(self, cached: bool | None = None, two_pass: bool = False) -> float:
-        """One optimizer step through ``sd_distill.train.distill_step``; returns seconds."""
-        from sd_distill.train import distill_step
+        """One optimizer step through the recipe's ``distill_step``; returns seconds."""
+        from sd_distill.train.step import distill_step
 
         cached = self.case.cached if cached is None else cached
         batch = self.cached_batch if cached else self.raw_batch
         self.n += 1
         gen = torch.Generator().manual_seed(self.n)
         start = time.perf_counter()
-        per_sample, _ = distill_step(batch, self.parts.unet, self.teacher(two_pass), self.components, self.uncond,
-                                     self.config, gen, torch.float32)
+        o = self.objective
+        per_sample, _ = distill_step(
+            batch, self.parts.unet, self.teacher(two_pass), o["source"], o["target"], o["loss"], gen
+        )
         per_sample.mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,9 +193,15 @@ def worker_memory(case_name: str, resolution: int, arch: str, steps: int) -> dic
     unet_params = param_count(parts.unet)
     trainer = Trainer(parts, case, resolution, arch)
     times = [trainer.step() for _ in range(steps)]
-    return {"case": case_name, **asdict(case), "peak_rss_gb": peak_rss_gb(), "unet_params": unet_params,
-            "trainable_params": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
-            "step_s": statistics.median(times[1:] or times), "step_times": times}
+    return {
+        "case": case_name,
+        **asdict(case),
+        "peak_rss_gb": peak_rss_gb(),
+        "unet_params": unet_params,
+        "trainable_params": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
+        "step_s": statistics.median(times[1:] or times),
+        "step_times": times,
+    }
 
 
 def worker_train_time(resolution: int, arch: str, rounds: int, warmup: int) -> dict[str, Any]:
@@ -206,7 +224,11 @@ def worker_train_time(resolution: int, arch: str, rounds: int, warmup: int) -> d
         "checkpointing": ckpt_step,
     }
     samples: dict[str, list[float]] = {}
-    return {"median_s": interleave(variants, rounds, warmup, samples), "samples_s": samples, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "median_s": interleave(variants, rounds, warmup, samples),
+        "samples_s": samples,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,9 +244,18 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
 
     def render(w: float) -> float:
         g = torch.Generator().manual_seed(0)
-        with torch.inference_mode():  # as sd_distill.compare renders
-            return timed(lambda: pipe(PROMPT, num_inference_steps=steps, guidance_scale=w, height=resolution,
-                                      width=resolution, generator=g, output_type="np"))
+        with torch.inference_mode():  # as sd_distill.eval.compare renders
+            return timed(
+                lambda: pipe(
+                    PROMPT,
+                    num_inference_steps=steps,
+                    guidance_scale=w,
+                    height=resolution,
+                    width=resolution,
+                    generator=g,
+                    output_type="np",
+                )
+            )
 
     def add_adapter() -> None:  # a "trained" adapter: B perturbed (peft initialises it to zero)
         attach_lora(unet, LORA_RANK)
@@ -245,12 +276,17 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
 
     render(7.5)  # warm-up: the largest (2B) batch first
     pipe_samples: dict[str, list[float]] = {}
-    pipeline = interleave({
-        "base_cfg": lambda: render(7.5),
-        "base_w1": lambda: render(1.0),  # the base UNet alone (= compare.py's fused, unloaded UNet)
-        "lora_unfused": unfused,
-        "lora_fused": fused,
-    }, rounds, warmup=0, samples=pipe_samples)
+    pipeline = interleave(
+        {
+            "base_cfg": lambda: render(7.5),
+            "base_w1": lambda: render(1.0),  # the base UNet alone (= compare.py's fused, unloaded UNet)
+            "lora_unfused": unfused,
+            "lora_fused": fused,
+        },
+        rounds,
+        warmup=0,
+        samples=pipe_samples,
+    )
 
     lat = resolution // parts.vae_scale
     g = torch.Generator().manual_seed(1)
@@ -258,7 +294,9 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
     emb = torch.randn(2, 77, parts.text_dim, generator=g)
     t = torch.tensor([500, 500])
 
-    def fwd(batch: int = 1, grad_mode: Any = torch.inference_mode, module: Any = unet, channels_last: bool = False) -> float:
+    def fwd(
+        batch: int = 1, grad_mode: Any = torch.inference_mode, module: Any = unet, channels_last: bool = False
+    ) -> float:
         xs = x[:batch].contiguous(memory_format=torch.channels_last) if channels_last else x[:batch]
         with grad_mode():
             return timed(lambda: module(xs, t[:batch], encoder_hidden_states=emb[:batch], return_dict=False))
@@ -291,8 +329,15 @@ def worker_inference(resolution: int, arch: str, steps: int, rounds: int, compil
         switches["unet_b1_compiled"] = lambda: fwd(module=compiled)
     unet_samples: dict[str, list[float]] = {}
     unet_only = interleave(switches, rounds + 1, warmup=1, samples=unet_samples)
-    return {"pipeline_s": pipeline, "unet_s": unet_only, "compile_s": compile_s, "steps": steps,
-            "pipeline_samples_s": pipe_samples, "unet_samples_s": unet_samples, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "pipeline_s": pipeline,
+        "unet_s": unet_only,
+        "compile_s": compile_s,
+        "steps": steps,
+        "pipeline_samples_s": pipe_samples,
+        "unet_samples_s": unet_samples,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +387,7 @@ def call_worker(plan: Plan, kind: str, **kw: Any) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", kind, "--worker_args", json.dumps(kw)]
         env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"worker {kind} {kw} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
         out = json.loads(line.removeprefix("RESULT "))
@@ -357,14 +402,23 @@ def run_all(plan: Plan) -> dict[str, Any]:
     if "memory" in plan.only:
         for name, case in MEMORY_CASES.items():
             steps = plan.mem_steps if case.width == 1.0 else 3  # half width: cheap, time it too
-            results["memory"][name] = call_worker(plan, "memory", case_name=name, resolution=plan.mem_resolution,
-                                                  steps=steps, **common)
+            results["memory"][name] = call_worker(
+                plan, "memory", case_name=name, resolution=plan.mem_resolution, steps=steps, **common
+            )
     if "train_time" in plan.only:
-        results["train_time"] = call_worker(plan, "train_time", resolution=plan.train_resolution, rounds=plan.rounds,
-                                            warmup=1, **common)
+        results["train_time"] = call_worker(
+            plan, "train_time", resolution=plan.train_resolution, rounds=plan.rounds, warmup=1, **common
+        )
     if "inference" in plan.only:
-        results["inference"] = call_worker(plan, "inference", resolution=plan.infer_resolution, steps=plan.infer_steps,
-                                           rounds=plan.rounds, compile_unet=plan.compile_unet, **common)
+        results["inference"] = call_worker(
+            plan,
+            "inference",
+            resolution=plan.infer_resolution,
+            steps=plan.infer_steps,
+            rounds=plan.rounds,
+            compile_unet=plan.compile_unet,
+            **common,
+        )
     return results
 
 
@@ -392,53 +446,108 @@ def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         m = {k: v["peak_rss_gb"] for k, v in mem.items()}
         unet_gb = mem["ours"]["unet_params"] * 4 / GB
         seed_est = m["ours"] + 4 * unet_gb  # + grads + 2 AdamW moments + a second fp32 UNet
-        add("1. train peak RSS: ours / seed (full arch; seed estimated)", m["ours"] / seed_est,
-            f"{m['ours']:.2f} GB measured / {seed_est:.2f} GB = ours + 4×{unet_gb:.2f} GB", 0.40)
-        add("1. train peak RSS: ours / seed (half-width UNet, both measured)", m["ours_half"] / m["seed_half"],
-            f"{m['ours_half']:.2f} / {m['seed_half']:.2f} GB", 0.40)
-        add("1. train step time: ours / seed (half width, separate processes)",
+        add(
+            "1. train peak RSS: ours / seed (full arch; seed estimated)",
+            m["ours"] / seed_est,
+            f"{m['ours']:.2f} GB measured / {seed_est:.2f} GB = ours + 4×{unet_gb:.2f} GB",
+            0.40,
+        )
+        add(
+            "1. train peak RSS: ours / seed (half-width UNet, both measured)",
+            m["ours_half"] / m["seed_half"],
+            f"{m['ours_half']:.2f} / {m['seed_half']:.2f} GB",
+            0.40,
+        )
+        add(
+            "1. train step time: ours / seed (half width, separate processes)",
             mem["ours_half"]["step_s"] / mem["seed_half"]["step_s"],
-            f"{mem['ours_half']['step_s']:.1f} / {mem['seed_half']['step_s']:.1f} s")
-        add("2. train peak RSS: shared / separate teacher", m["ours"] / m["separate_teacher"],
-            f"{m['ours']:.2f} / {m['separate_teacher']:.2f} GB", 0.75)
-        add("4. train peak RSS: cached (encoders freed) / uncached", m["ours"] / m["uncached"],
-            f"{m['ours']:.2f} / {m['uncached']:.2f} GB")
-        add("4. train peak RSS: cached (encoders kept, train.py today) / uncached",
-            m["cached_encoders_held"] / m["uncached"], f"{m['cached_encoders_held']:.2f} / {m['uncached']:.2f} GB")
-        add("5. train peak RSS: checkpointing on / off", m["checkpointing"] / m["ours"],
-            f"{m['checkpointing']:.2f} / {m['ours']:.2f} GB")
+            f"{mem['ours_half']['step_s']:.1f} / {mem['seed_half']['step_s']:.1f} s",
+        )
+        add(
+            "2. train peak RSS: shared / separate teacher",
+            m["ours"] / m["separate_teacher"],
+            f"{m['ours']:.2f} / {m['separate_teacher']:.2f} GB",
+            0.75,
+        )
+        add(
+            "4. train peak RSS: cached (encoders freed) / uncached",
+            m["ours"] / m["uncached"],
+            f"{m['ours']:.2f} / {m['uncached']:.2f} GB",
+        )
+        add(
+            "4. train peak RSS: cached (encoders kept, train.py today) / uncached",
+            m["cached_encoders_held"] / m["uncached"],
+            f"{m['cached_encoders_held']:.2f} / {m['uncached']:.2f} GB",
+        )
+        add(
+            "5. train peak RSS: checkpointing on / off",
+            m["checkpointing"] / m["ours"],
+            f"{m['checkpointing']:.2f} / {m['ours']:.2f} GB",
+        )
     tr = r.get("train_time", {})
     tt, ts = tr.get("median_s"), tr.get("samples_s")
     if tt:
-        add("3. train step time: batched teacher (2B) / two passes", paired_ratio(ts, "ours", "two_pass", tt["ours"] / tt["two_pass"]),
-            f"{tt['ours']:.1f} / {tt['two_pass']:.1f} s")
-        add("4. train step time: cached / uncached", paired_ratio(ts, "ours", "uncached", tt["ours"] / tt["uncached"]),
-            f"{tt['ours']:.1f} / {tt['uncached']:.1f} s", 0.80)
-        add("5. train step time: checkpointing on / off", paired_ratio(ts, "checkpointing", "ours", tt["checkpointing"] / tt["ours"]),
-            f"{tt['checkpointing']:.1f} / {tt['ours']:.1f} s")
+        add(
+            "3. train step time: batched teacher (2B) / two passes",
+            paired_ratio(ts, "ours", "two_pass", tt["ours"] / tt["two_pass"]),
+            f"{tt['ours']:.1f} / {tt['two_pass']:.1f} s",
+        )
+        add(
+            "4. train step time: cached / uncached",
+            paired_ratio(ts, "ours", "uncached", tt["ours"] / tt["uncached"]),
+            f"{tt['ours']:.1f} / {tt['uncached']:.1f} s",
+            0.80,
+        )
+        add(
+            "5. train step time: checkpointing on / off",
+            paired_ratio(ts, "checkpointing", "ours", tt["checkpointing"] / tt["ours"]),
+            f"{tt['checkpointing']:.1f} / {tt['ours']:.1f} s",
+        )
     inf = r.get("inference")
     if inf:
         p, u, n = inf["pipeline_s"], inf["unet_s"], inf["steps"]
         ps, us = inf.get("pipeline_samples_s"), inf.get("unet_samples_s")
-        add(f"6. s/image: distilled (w=1, fused) / base CFG, {n} steps",
+        add(
+            f"6. s/image: distilled (w=1, fused) / base CFG, {n} steps",
             paired_ratio(ps, "lora_fused", "base_cfg", p["lora_fused"] / p["base_cfg"]),
-            f"{p['lora_fused']:.1f} / {p['base_cfg']:.1f} s", 0.56)
+            f"{p['lora_fused']:.1f} / {p['base_cfg']:.1f} s",
+            0.56,
+        )
         b1, b2 = "unet_b1_inference_mode", "unet_b2_inference_mode"
-        add("3. teacher pass alone: one 2B pass / two B passes (UNet forward, no grad)",
-            paired_ratio(us, b2, b1, u[b2] / u[b1]) / 2, f"{u[b2]:.2f} / 2×{u[b1]:.2f} s")
-        add("6. UNet pass: batch 1 / batch 2 (the many-steps limit of row 6)",
-            paired_ratio(us, b1, b2, u[b1] / u[b2]), f"{u[b1]:.2f} / {u[b2]:.2f} s", 0.56)
-        add("7. s/image: LoRA unfused / fused", paired_ratio(ps, "lora_unfused", "lora_fused", p["lora_unfused"] / p["lora_fused"]),
-            f"{p['lora_unfused']:.1f} / {p['lora_fused']:.1f} s")
-        add("7. s/image: LoRA fused / base UNet alone (both w=1)",
+        add(
+            "3. teacher pass alone: one 2B pass / two B passes (UNet forward, no grad)",
+            paired_ratio(us, b2, b1, u[b2] / u[b1]) / 2,
+            f"{u[b2]:.2f} / 2×{u[b1]:.2f} s",
+        )
+        add(
+            "6. UNet pass: batch 1 / batch 2 (the many-steps limit of row 6)",
+            paired_ratio(us, b1, b2, u[b1] / u[b2]),
+            f"{u[b1]:.2f} / {u[b2]:.2f} s",
+            0.56,
+        )
+        add(
+            "7. s/image: LoRA unfused / fused",
+            paired_ratio(ps, "lora_unfused", "lora_fused", p["lora_unfused"] / p["lora_fused"]),
+            f"{p['lora_unfused']:.1f} / {p['lora_fused']:.1f} s",
+        )
+        add(
+            "7. s/image: LoRA fused / base UNet alone (both w=1)",
             paired_ratio(ps, "lora_fused", "base_w1", p["lora_fused"] / p["base_w1"]),
-            f"{p['lora_fused']:.1f} / {p['base_w1']:.1f} s", 1.05)
-        for key, label in (("unet_b1_no_grad", "no_grad instead of inference_mode"),
-                           ("unet_b1_channels_last", "channels_last"),
-                           ("unet_b1_flush_denormal", "set_flush_denormal(True)"),
-                           ("unet_b1_compiled", f"torch.compile (compile took {inf.get('compile_s') or 0:.0f} s)")):
+            f"{p['lora_fused']:.1f} / {p['base_w1']:.1f} s",
+            1.05,
+        )
+        for key, label in (
+            ("unet_b1_no_grad", "no_grad instead of inference_mode"),
+            ("unet_b1_channels_last", "channels_last"),
+            ("unet_b1_flush_denormal", "set_flush_denormal(True)"),
+            ("unet_b1_compiled", f"torch.compile (compile took {inf.get('compile_s') or 0:.0f} s)"),
+        ):
             if key in u:
-                add(f"8. UNet pass: {label} / default", paired_ratio(us, key, b1, u[key] / u[b1]), f"{u[key]:.2f} / {u[b1]:.2f} s")
+                add(
+                    f"8. UNet pass: {label} / default",
+                    paired_ratio(us, key, b1, u[key] / u[b1]),
+                    f"{u[key]:.2f} / {u[b1]:.2f} s",
+                )
     return rows
 
 
@@ -455,13 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in_process", action="store_true", help="no subprocesses (no memory figures); for tests")
     p.add_argument("--only", default=None, help="comma list of memory,train_time,inference")
     p.add_argument("--mem_resolution", type=int, default=None, help="image size of the memory cases (default 256)")
-    p.add_argument("--resolution", type=int, default=None, help="image size of the timed training steps (default 256; --quick 128)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image size of the timed training steps (default 256; --quick 128)"
+    )
     p.add_argument("--infer_resolution", type=int, default=None, help="inference image size (default: --resolution)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default 8; --quick 4)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 5; --quick 3)")
-    p.add_argument("--mem_steps", type=int, default=None, help="steps per full-width memory case (default 2; --quick 1)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="OMP_NUM_THREADS of the worker processes (default: $OMP_NUM_THREADS or 1)")
+    p.add_argument(
+        "--mem_steps", type=int, default=None, help="steps per full-width memory case (default 2; --quick 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="OMP_NUM_THREADS of the worker processes (default: $OMP_NUM_THREADS or 1)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile(unet) (compiling takes minutes)")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--from_json", default=None, help="only print the table of a saved --out file")
@@ -496,8 +613,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     print(format_table(results["rows"]))
-    print(f"\n{plan.arch}, memory cases {plan.mem_resolution} px ({plan.mem_steps} step(s)), timed training steps {plan.train_resolution} px, inference {plan.infer_resolution} px / {plan.infer_steps} steps, "
-          f"{plan.rounds} rounds, OMP_NUM_THREADS={plan.threads}; total {results['total_s']:.0f} s")
+    print(
+        f"\n{plan.arch}, memory cases {plan.mem_resolution} px ({plan.mem_steps} step(s)), "
+        f"timed training steps {plan.train_resolution} px, "
+        f"inference {plan.infer_resolution} px / {plan.infer_steps} steps, "
+        f"{plan.rounds} rounds, OMP_NUM_THREADS={plan.threads}; total {results['total_s']:.0f} s"
+    )
     return results
 
 

@@ -99,7 +99,7 @@ def build_tokenizer() -> Any:
     """A tiny character-level CLIP tokenizer (ids < 49408, so any prompt fits the real embedding)."""
     from transformers import CLIPTokenizer
 
-    from sd_distill.tiny import write_tiny_tokenizer
+    from sd_distill.toy.tiny import write_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         write_tiny_tokenizer(Path(d))
@@ -128,7 +128,7 @@ def _tiny_pipeline() -> Any:
     import transformers
     from diffusers import StableDiffusionPipeline
 
-    from sd_distill.tiny import build_tiny_pipeline
+    from sd_distill.toy.tiny import build_tiny_pipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -148,15 +148,31 @@ def build_parts(arch: str, width: float = 1.0, encoders: bool = True, seed: int 
 
             unet = UNet2DConditionModel.from_config(pipe.unet.config)
         te, vae = (pipe.text_encoder, pipe.vae) if encoders else (None, None)
-        return Parts(unet, te, vae, pipe.tokenizer, build_scheduler(), 4,
-                     2 ** (len(pipe.vae.config.block_out_channels) - 1), pipe.text_encoder.config.hidden_size)
+        return Parts(
+            unet,
+            te,
+            vae,
+            pipe.tokenizer,
+            build_scheduler(),
+            4,
+            2 ** (len(pipe.vae.config.block_out_channels) - 1),
+            pipe.text_encoder.config.hidden_size,
+        )
     if arch != "sd21":
         raise ValueError(f"unknown arch {arch!r}")
     unet = build_unet(width, seed)
     te, vae = (build_text_encoder(), build_vae()) if encoders else (None, None)
     vae_cfg = read_config("vae")
-    return Parts(unet, te, vae, build_tokenizer(), build_scheduler(), vae_cfg["latent_channels"],
-                 2 ** (len(vae_cfg["block_out_channels"]) - 1), read_config("text_encoder")["hidden_size"])
+    return Parts(
+        unet,
+        te,
+        vae,
+        build_tokenizer(),
+        build_scheduler(),
+        vae_cfg["latent_channels"],
+        2 ** (len(vae_cfg["block_out_channels"]) - 1),
+        read_config("text_encoder")["hidden_size"],
+    )
 
 
 def build_pipeline(parts: Parts) -> Any:
@@ -164,8 +180,14 @@ def build_pipeline(parts: Parts) -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

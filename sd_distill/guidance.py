@@ -55,7 +55,9 @@ def sample_timesteps(
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device).to(device)
 
 
-def distillation_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.001) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.001
+) -> torch.Tensor:
     """Per-sample loss ``[B]`` (float32) between the student's and the teacher's predictions."""
     diff = student.float() - target.float()
     if kind == "mse":

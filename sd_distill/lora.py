@@ -8,15 +8,23 @@ from pathlib import Path
 
 import torch
 
+from .constants import LORA_WEIGHTS_NAME
+
 # Attention projections of every transformer block: the usual diffusers LoRA targets.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention, transformer projections and the ResNets (convolutions and their time-embedding input), as
 # LCM-LoRA trains. Needed when the caption also reaches the ResNets, as in the toy teacher, whose pooled
 # caption joins the time embedding (``addition_embed_type="text"``).
 RESNET_AND_ATTENTION_TARGET_MODULES: tuple[str, ...] = DEFAULT_TARGET_MODULES + (
-    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
 )
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def attach_lora(

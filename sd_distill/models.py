@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,6 +29,13 @@ class Components:
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
     """dtype of the frozen weights: half precision when training in mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module``; cast only when its dtype differs (diffusers warns on needless casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -68,7 +76,9 @@ def load_components(model: str, revision: str | None = None, variant: str | None
         frozen.eval()
     logger.info(
         "loaded %s: UNet %.1f M parameters, prediction_type=%s",
-        model, sum(p.numel() for p in unet.parameters()) / 1e6, noise_scheduler.config.prediction_type,
+        model,
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        noise_scheduler.config.prediction_type,
     )
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
 

@@ -34,7 +34,7 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny ``StableDiffusionPipeline`` folder (epsilon prediction)."""
-    from sd_distill.tiny import build_tiny_pipeline
+    from sd_distill.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
@@ -42,7 +42,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline with a v-prediction scheduler."""
-    from sd_distill.tiny import build_tiny_pipeline
+    from sd_distill.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
 
@@ -51,7 +51,7 @@ def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline with a 4x wider UNet (~1 M parameters): big enough that a checkpoint
     holding base weights would stand out against one holding only the adapter."""
-    from sd_distill.tiny import build_tiny_pipeline
+    from sd_distill.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("wide-sd"), width=4)
 

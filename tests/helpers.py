@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,26 @@ def write_image_folder(folder: Path, n: int = 8, size: tuple[int, int] = (40, 48
 
 def train_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
-        "--checkpointing_steps", "2", "--report_to", "none", "--default_prompt", "", "--learning_rate", "1e-3",
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--default_prompt",
+        "",
+        "--learning_rate",
+        "1e-3",
         *extra,
     ]
 
@@ -59,3 +77,31 @@ def lora_output_change(model_dir: Path, lora_dir: Path) -> tuple[torch.Tensor, t
         pipe.load_lora_weights(lora_dir)
         after = pipe.unet(x, 500, emb).sample
     return before, after
+
+
+def run_training(argv: list[str], edit: Any = None) -> tuple[Any, Any]:
+    """Run the recipe's three phases in-process; ``edit(training)`` may swap parts (a test double
+    of the target or the state source) between setup and the loop. Returns (stats, training)."""
+    from sd_distill.train import finish, parse_args, setup, train_loop
+
+    training = setup(parse_args(argv))
+    if edit is not None:
+        edit(training)
+    stats = train_loop(training)
+    finish(training, stats)
+    return stats, training
+
+
+class NanTarget:
+    """A target double: the real target, made NaN on the given call numbers (every call when None)."""
+
+    def __init__(self, real: Any, calls: set[int] | None) -> None:
+        self.real, self.calls, self.n = real, calls, 0
+
+    def teacher_prediction(self, states: Any, teacher: Any) -> torch.Tensor:
+        self.n += 1
+        out = self.real.teacher_prediction(states, teacher)
+        return out * float("nan") if self.calls is None or self.n in self.calls else out
+
+    def student_inputs(self, states: Any) -> dict[str, Any]:
+        return self.real.student_inputs(states)

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from helpers import subprocess_env
-from sd_distill.compare import CompareConfig, run
-from sd_distill.grid import grid_size
-from sd_distill.prompts import read_prompts_file, slugify
+from sd_distill.eval.compare import CompareConfig, run
+from sd_distill.eval.grid import grid_size
+from sd_distill.eval.prompts import read_prompts_file, slugify
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "inf_txt2img_loop.py"
@@ -28,9 +28,24 @@ TOL = 3  # uint8 levels: fused vs unfused LoRA, batched vs not, 2 processes vs 1
 LONG = "x" * 300
 PROMPTS = ["a cat", "a dog/../../etc 'quoted' \"double\" \\ back", LONG]
 REPORT_KEYS = {
-    "prompts", "seed", "num_inference_steps", "guidance_scale", "ft_guidance_scale", "models", "device",
-    "dtype", "scheduler", "height", "width", "columns", "speed_ratio_distilled_over_base", "fidelity",
-    "clip_score", "grid", "images", "num_processes",
+    "prompts",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "ft_guidance_scale",
+    "models",
+    "device",
+    "dtype",
+    "scheduler",
+    "height",
+    "width",
+    "columns",
+    "speed_ratio_distilled_over_base",
+    "fidelity",
+    "clip_score",
+    "grid",
+    "images",
+    "num_processes",
 }
 COLUMN_KEYS = {"key", "guidance_scale", "seconds_per_image_median", "unet_evals_per_image", "peak_memory_mb"}
 
@@ -69,8 +84,12 @@ def stock(tiny_model_dir: Path, tiny_lora_dir: Path):
 def main_run(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("compare") / "out"
     config = CompareConfig(
-        ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=PROMPTS, seed=SEED,
-        num_inference_steps=STEPS, also_base_without_cfg=True,
+        ft_model=str(tiny_lora_dir),
+        out_dir=str(out),
+        prompts=PROMPTS,
+        seed=SEED,
+        num_inference_steps=STEPS,
+        also_base_without_cfg=True,
     )
     return run(config), out
 
@@ -103,34 +122,60 @@ def test_unet_evaluations_are_counted(main_run) -> None:
     assert cols["distilled"]["unet_evals_per_step"] == 1.0 and cols["base_cfg"]["unet_evals_per_step"] == 2.0
 
 
-def test_outputs_grid_files_and_report(main_run) -> None:
-    report, out = main_run
+def test_grid_has_a_row_per_prompt_and_a_column_per_sampler(main_run) -> None:
+    _, out = main_run
     grid = Image.open(out / "grid.png")
     assert grid.size == grid_size(len(PROMPTS), 3, 32, 32)
     assert grid.size[0] == 3 * 192  # 32 px images are shown 6x larger
+
+
+def test_every_image_is_saved_once_inside_out_dir_under_a_safe_name(main_run) -> None:
+    _, out = main_run
     saved = {p.resolve() for p in out.rglob("*.png")} - {(out / "grid.png").resolve()}
     assert len(saved) == 3 * len(PROMPTS)
     for path in saved:
         assert out.resolve() in path.parents
         assert re.fullmatch(r"\d{3}_[a-z0-9-]{1,60}\.png", path.name), path.name
+
+
+def test_report_json_is_the_returned_report(main_run) -> None:
+    report, out = main_run
     on_disk = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(on_disk) and on_disk == json.loads(json.dumps(report))
     assert all(COLUMN_KEYS <= set(c) for c in on_disk["columns"])
-    assert on_disk["prompts"] == PROMPTS and on_disk["seed"] == SEED and on_disk["num_inference_steps"] == STEPS
-    assert on_disk["device"] == "cpu" and on_disk["dtype"] == "fp32" and on_disk["num_processes"] == 1
-    assert on_disk["speed_ratio_distilled_over_base"] > 0
-    fid = on_disk["fidelity"]["distilled_vs_base_cfg"]
+
+
+def test_report_records_the_settings_it_ran_with(main_run) -> None:
+    report, _ = main_run
+    assert report["prompts"] == PROMPTS and report["seed"] == SEED and report["num_inference_steps"] == STEPS
+    assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["num_processes"] == 1
+    assert report["speed_ratio_distilled_over_base"] > 0
+
+
+def test_fidelity_is_scored_and_unavailable_metrics_say_why(main_run) -> None:
+    report, _ = main_run
+    fid = report["fidelity"]["distilled_vs_base_cfg"]
     assert fid["psnr"] > 0 and 0 < fid["ssim"] <= 1
     assert "lpips" in fid and (fid["lpips"] is not None or fid["lpips_reason"])
-    assert on_disk["clip_score"]["value"] is None and on_disk["clip_score"]["reason"]
-    assert (out / "report.md").read_text().count("|") > 10
+    assert report["clip_score"]["value"] is None and report["clip_score"]["reason"]
+
+
+def test_report_md_has_the_column_table(main_run) -> None:
+    _, out = main_run
+    text = (out / "report.md").read_text()
+    assert text.count("|") > 10 and "| distilled |" in text
 
 
 def test_unfused_lora_and_batching_keep_images(main_run, stock, tiny_lora_dir: Path, tmp_path: Path) -> None:
     report, out = main_run
     config = CompareConfig(
-        ft_model=str(tiny_lora_dir), out_dir=str(tmp_path), prompts=PROMPTS[:2], seed=SEED,
-        num_inference_steps=STEPS, fuse_lora=False, batch_size=2,
+        ft_model=str(tiny_lora_dir),
+        out_dir=str(tmp_path),
+        prompts=PROMPTS[:2],
+        seed=SEED,
+        num_inference_steps=STEPS,
+        fuse_lora=False,
+        batch_size=2,
     )
     batched = run(config)
     assert batched["models"]["lora_fused"] is False
@@ -149,10 +194,16 @@ def test_fused_pipeline_folder(main_run, tiny_model_dir: Path, tiny_lora_dir: Pa
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     pipe.save_pretrained(tmp_path / "fused")
-    report = run(CompareConfig(
-        ft_model=str(tmp_path / "fused"), b_model=str(tiny_model_dir), out_dir=str(tmp_path / "out"),
-        prompts=PROMPTS[:1], seed=SEED, num_inference_steps=STEPS,
-    ))
+    report = run(
+        CompareConfig(
+            ft_model=str(tmp_path / "fused"),
+            b_model=str(tiny_model_dir),
+            out_dir=str(tmp_path / "out"),
+            prompts=PROMPTS[:1],
+            seed=SEED,
+            num_inference_steps=STEPS,
+        )
+    )
     assert report["models"]["ft_kind"] == "pipeline"
     got = _img(tmp_path / "out" / report["images"][0]["files"]["distilled"])
     report1, out1 = main_run  # the LoRA folder's distilled image of the same prompt and seed
@@ -161,10 +212,16 @@ def test_fused_pipeline_folder(main_run, tiny_model_dir: Path, tiny_lora_dir: Pa
 
 def test_deepspeed_inference_wraps_unets_and_keeps_images(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
     report, out = main_run
-    ds = run(CompareConfig(
-        ft_model=str(tiny_lora_dir), out_dir=str(tmp_path), prompts=PROMPTS[:1], seed=SEED,
-        num_inference_steps=STEPS, deepspeed_inference=True,
-    ))
+    ds = run(
+        CompareConfig(
+            ft_model=str(tiny_lora_dir),
+            out_dir=str(tmp_path),
+            prompts=PROMPTS[:1],
+            seed=SEED,
+            num_inference_steps=STEPS,
+            deepspeed_inference=True,
+        )
+    )
     assert ds["deepspeed_inference"] is True
     assert {c["key"]: c["unet_evals_per_image"] for c in ds["columns"]} == {"base_cfg": 2 * STEPS, "distilled": STEPS}
     for column in ("base_cfg", "distilled"):
@@ -183,10 +240,31 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
     # `accelerate launch --cpu` spawns one process unless MPI is set up; --multi_gpu launches
     # 2 torchrun workers, and with no CUDA the loop's PartialState(cpu=True) uses gloo on the CPU.
     cmd = [
-        str(REPO / ".venv/bin/accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(CLI), "--ft_model", str(tiny_lora_dir), "--out_dir", str(tmp_path), "--seed", str(SEED),
-        "--num_inference_steps", str(STEPS), "--also_base_without_cfg", "--prompts", *PROMPTS,
+        str(REPO / ".venv/bin/accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(CLI),
+        "--ft_model",
+        str(tiny_lora_dir),
+        "--out_dir",
+        str(tmp_path),
+        "--seed",
+        str(SEED),
+        "--num_inference_steps",
+        str(STEPS),
+        "--also_base_without_cfg",
+        "--prompts",
+        *PROMPTS,
     ]
     if not Path(cmd[0]).exists():
         cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -211,7 +289,9 @@ def test_cli_errors_are_one_clean_message(tiny_model_dir: Path, tiny_lora_dir: P
     empty = _cli("--ft_model", str(tiny_lora_dir), "--prompts_file", str(empty_file), "--out_dir", str(tmp_path / "o"))
     orphan = tmp_path / "orphan-lora"  # LoRA weights, but no recorded base and no --b_model
     orphan.mkdir()
-    (orphan / "pytorch_lora_weights.safetensors").write_bytes((tiny_lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    (orphan / "pytorch_lora_weights.safetensors").write_bytes(
+        (tiny_lora_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    )
     (orphan / "sd_distill_config.json").write_text(json.dumps({"guidance_scale": 7.5, "lora_rank": 4}))
     unknown = _cli("--ft_model", str(orphan), "--out_dir", str(tmp_path / "o"))
     for proc, words in ((missing, "not found"), (empty, "empty"), (unknown, "--b_model")):
@@ -233,12 +313,23 @@ def test_prompt_helpers(tmp_path: Path) -> None:
 
 
 def test_synthetic_captions_get_an_adherence_score_per_column(tiny_lora_dir: Path, tmp_path: Path) -> None:
-    from sd_distill.checker import parse_caption
+    from sd_distill.toy.checker import parse_caption
 
-    prompts = ["a large red circle in the center on a black background", "a small blue square in the top left on a white background"]
+    prompts = [
+        "a large red circle in the center on a black background",
+        "a small blue square in the top left on a white background",
+    ]
     [parse_caption(p) for p in prompts]  # the grammar the toy teacher learnt
-    report = run(CompareConfig(ft_model=str(tiny_lora_dir), out_dir=str(tmp_path / "o"), prompts=prompts,
-                               num_inference_steps=STEPS, seed=SEED, also_base_without_cfg=True))
+    report = run(
+        CompareConfig(
+            ft_model=str(tiny_lora_dir),
+            out_dir=str(tmp_path / "o"),
+            prompts=prompts,
+            num_inference_steps=STEPS,
+            seed=SEED,
+            also_base_without_cfg=True,
+        )
+    )
     assert set(report["adherence"]) == {"base_cfg", "distilled", "base_nocfg"}
     assert all(0.0 <= v <= 1.0 for v in report["adherence"].values())
     assert report["fidelity"]["distilled_vs_base_cfg"]["mse"] >= 0.0

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_distill.config import ConfigError, TrainConfig
-from sd_distill.data import build_train_data, decode_image
+from sd_distill.train.config import ConfigError, TrainConfig
+from sd_distill.train.data import build_train_data
+from sd_distill.train.rows import decode_image
 
 
 def _png(seed: int, size: int = 40, mode: str = "RGB") -> bytes:
@@ -30,10 +31,21 @@ def _diffusiondb_parquet(path: Path, n: int = 5) -> Path:
     rows = {
         "image": [{"bytes": _png(i), "path": f"{i}.png"} for i in range(n)],
         "prompt": [f"a painting number {i}" for i in range(n)],
-        "seed": list(range(n)), "step": [50] * n, "cfg": [7.0] * n, "sampler": ["k_lms"] * n,
+        "seed": list(range(n)),
+        "step": [50] * n,
+        "cfg": [7.0] * n,
+        "sampler": ["k_lms"] * n,
     }
-    features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string"), "seed": datasets.Value("int64"),
-                                  "step": datasets.Value("int64"), "cfg": datasets.Value("float32"), "sampler": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "prompt": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+            "step": datasets.Value("int64"),
+            "cfg": datasets.Value("float32"),
+            "sampler": datasets.Value("string"),
+        }
+    )
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return path
 
@@ -86,7 +98,9 @@ def test_streaming_skips_bad_rows_as_it_goes(tmp_path: Path) -> None:
 
     rows = {"image": [_png(0), b"garbage", _png(2)], "text": ["a", "b", "c"]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "s.parquet"))
-    data = build_train_data(_config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1), show_progress=False)
+    data = build_train_data(
+        _config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1), show_progress=False
+    )
     items = list(data.dataset)
     assert [i["caption"] for i in items] == ["a", "c"]
     assert sum(i["bad_rows_before"] for i in items) == 1
@@ -120,12 +134,32 @@ def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
 def test_training_from_a_stream(tiny_model_dir: Path, tmp_path: Path) -> None:
     import datasets
 
-    from sd_distill.config import parse_args
     from sd_distill.train import run
+    from sd_distill.train.config import parse_args
 
     rows = {"image": [_png(i) for i in range(4)], "caption": [f"a thing {i}" for i in range(4)]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "s.parquet"))
-    stats = run(parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "s.parquet"),
-                            "--streaming", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3",
-                            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--default_prompt", ""]))
+    stats = run(
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                str(tiny_model_dir),
+                "--dataset_name",
+                str(tmp_path / "s.parquet"),
+                "--streaming",
+                "--resolution",
+                "32",
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "3",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--report_to",
+                "none",
+                "--default_prompt",
+                "",
+            ]
+        )
+    )
     assert stats.global_step == 3

@@ -25,22 +25,48 @@ def _launch(config: str, argv: list[str], log: Path) -> None:
     env = subprocess_env()
     with open(log, "w") as handle:
         proc = subprocess.run(
-            [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / config), "--main_process_port", "0",
-             str(ROOT / "train_sd_distil_lora.py"), *argv],
-            stdout=handle, stderr=subprocess.STDOUT, timeout=TIME_LIMIT_S, env=env, cwd=ROOT,
+            [
+                str(accelerate),
+                "launch",
+                "--config_file",
+                str(ROOT / "accelerate_configs" / config),
+                "--main_process_port",
+                "0",
+                str(ROOT / "train_sd_distil_lora.py"),
+                *argv,
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=TIME_LIMIT_S,
+            env=env,
+            cwd=ROOT,
         )
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
 @pytest.mark.parametrize("config", ["cpu_2proc_zero2.yaml", "cpu_2proc_zero3.yaml"])
-def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(config: str, wide_model_dir: Path, tmp_path: Path) -> None:
+def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
+    config: str, wide_model_dir: Path, tmp_path: Path
+) -> None:
     data = write_image_folder(tmp_path / "data", n=8)
     out = tmp_path / "out"
-    common = ("--validation_steps", "2", "--num_validation_inference_steps", "2", "--default_prompt", "a red circle",
-              "--checkpoints_total_limit", "2")
+    common = (
+        "--validation_steps",
+        "2",
+        "--num_validation_inference_steps",
+        "2",
+        "--default_prompt",
+        "a red circle",
+        "--checkpoints_total_limit",
+        "2",
+    )
     _launch(config, train_args(wide_model_dir, data, out, *common, steps=2), tmp_path / "first.log")
     assert (out / "checkpoint-2").is_dir() and (out / "validation" / "step-2").is_dir()
-    _launch(config, train_args(wide_model_dir, data, out, *common, "--resume_from_checkpoint", "latest", steps=4), tmp_path / "second.log")
+    _launch(
+        config,
+        train_args(wide_model_dir, data, out, *common, "--resume_from_checkpoint", "latest", steps=4),
+        tmp_path / "second.log",
+    )
     assert "resumed from" in (tmp_path / "second.log").read_text()
     assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
     assert len(list(out.glob("checkpoint-*"))) == 2 and not list(out.glob(".checkpoint-*"))

@@ -31,7 +31,12 @@ def test_every_shipped_accelerate_config_loads(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     ds = raw.get("deepspeed_config") or {}
     if "deepspeed_config_file" in ds:
-        assert json.loads((ROOT / ds["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"] in (0, 1, 2, 3)
+        assert json.loads((ROOT / ds["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"] in (
+            0,
+            1,
+            2,
+            3,
+        )
     elif raw["distributed_type"] == "DEEPSPEED":
         assert ds["zero_stage"] in (0, 1, 2, 3)
 
@@ -39,11 +44,33 @@ def test_every_shipped_accelerate_config_loads(path: Path) -> None:
 def test_mytrainbash_honours_env_overrides_and_passes_extra_args(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", n=4)
     out = tmp_path / "out"
-    env = {**_env(), "MODEL_NAME": str(tiny_model_dir), "OUTPUT_DIR": str(out), "DATASET_NAME": str(data),
-           "ACCELERATE_CONFIG": str(ROOT / "accelerate_configs" / "cpu_demo.yaml"), "RESOLUTION": "32", "LEARNING_RATE": "2e-4"}
-    proc = subprocess.run(["bash", str(ROOT / "mytrainbash.sh"), "--max_train_steps", "2", "--report_to", "none",
-                           "--default_prompt", "", "--lora_rank", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **_env(),
+        "MODEL_NAME": str(tiny_model_dir),
+        "OUTPUT_DIR": str(out),
+        "DATASET_NAME": str(data),
+        "ACCELERATE_CONFIG": str(ROOT / "accelerate_configs" / "cpu_demo.yaml"),
+        "RESOLUTION": "32",
+        "LEARNING_RATE": "2e-4",
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "mytrainbash.sh"),
+            "--max_train_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--default_prompt",
+            "",
+            "--lora_rank",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "sd_distill_config.json").read_text())
     assert saved["pretrained_model_name_or_path"] == str(tiny_model_dir)
@@ -60,12 +87,45 @@ def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp
     config.write_text(yaml.safe_dump(raw))
     data = write_image_folder(tmp_path / "data", n=8)
     out = tmp_path / "out"
-    args = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "2",
-            "--checkpointing_steps", "2", "--report_to", "none", "--default_prompt", ""]
-    proc = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
-                           "--main_process_port", "0", str(ROOT / "train_sd_distil_lora.py"), *args],
-                          env=_env(), capture_output=True, text=True, timeout=420, cwd=ROOT)
+    args = [
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--default_prompt",
+        "",
+    ]
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            "0",
+            str(ROOT / "train_sd_distil_lora.py"),
+            *args,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 2
     assert (out / "checkpoint-2" / "pytorch_model").is_dir()

@@ -29,7 +29,9 @@ def test_adapter_disabled_context_restores_adapter_and_grads(tiny_model_dir: Pat
 
 
 @pytest.mark.parametrize("targets", ["attention", "resnets_and_attention"])
-def test_stock_loading_reproduces_the_trained_adapter_exactly(tiny_model_dir: Path, tmp_path: Path, targets: str) -> None:
+def test_stock_loading_reproduces_the_trained_adapter_exactly(
+    tiny_model_dir: Path, tmp_path: Path, targets: str
+) -> None:
     """Every adapted module survives save -> stock ``load_lora_weights``: the loaded UNet's output
     equals the trained one's (a dropped module, e.g. all attention layers, would not)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -16,11 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import subprocess_env, train_args, write_image_folder
-from sd_distill.config import parse_args
+from helpers import NanTarget, run_training, subprocess_env, train_args, write_image_folder
+from sd_distill.train.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
 
 
 def _broken_folder(folder: Path) -> Path:
@@ -61,8 +60,8 @@ def test_broken_rows_are_skipped_and_counted(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_mostly_broken_data_stops_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from sd_distill.config import ConfigError
     from sd_distill.train import run
+    from sd_distill.train.config import ConfigError
 
     data = _broken_folder(tmp_path / "data")  # 2 of 10 unreadable = 20 % > 10 % default
     with pytest.raises(ConfigError, match=r"2 of 10 images .* cannot be decoded.*--max_bad_fraction"):
@@ -70,41 +69,34 @@ def test_mostly_broken_data_stops_with_a_clear_message(tiny_model_dir: Path, tmp
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
-def _nan_on(calls: set[int] | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the distillation loss NaN on the given call numbers (all calls when None)."""
-    import sd_distill.train as train
+def _nan_on(calls: set[int] | None):
+    """An edit for ``run_training``: the target turns NaN on the given calls (every call when None)."""
 
-    real = train.distillation_loss
-    count = {"n": 0}
+    def edit(training: Any) -> None:
+        training.target = NanTarget(training.target, calls)
 
-    def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
-        count["n"] += 1
-        out = real(*args, **kwargs)
-        return out * float("nan") if calls is None or count["n"] in calls else out
-
-    monkeypatch.setattr(train, "distillation_loss", loss)
+    return edit
 
 
-def test_a_nan_loss_skips_the_update_and_is_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_nan_loss_skips_the_update_and_is_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from sd_distill.train import run
-
-    _nan_on({2}, monkeypatch)
     data = write_image_folder(tmp_path / "data", n=4)
-    stats = run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out", steps=4)))
+    stats, _ = run_training(train_args(tiny_model_dir, data, tmp_path / "out", steps=4), _nan_on({2}))
     assert stats.skipped_nonfinite == 1 and stats.global_step == 4
     lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(t).all() for t in lora.values())
 
 
-def test_repeated_nan_losses_stop_the_run_with_the_fp16_hint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sd_distill.train import TrainingError, run
+def test_repeated_nan_losses_stop_the_run_with_the_fp16_hint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.train import TrainingError
 
-    _nan_on(None, monkeypatch)
     data = write_image_folder(tmp_path / "data", n=4)
     with pytest.raises(TrainingError, match=r"3 steps in a row.*fp16.*bf16"):
-        run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out", "--max_consecutive_nonfinite", "3", steps=10)))
+        run_training(
+            train_args(tiny_model_dir, data, tmp_path / "out", "--max_consecutive_nonfinite", "3", steps=10),
+            _nan_on(None),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +106,9 @@ STEPS = 12
 
 
 def _cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    args = train_args(model, data, out, "--lora_dropout", "0.1", "--random_flip", "--caption_dropout", "0.2", *extra, steps=STEPS)
+    args = train_args(
+        model, data, out, "--lora_dropout", "0.1", "--random_flip", "--caption_dropout", "0.2", *extra, steps=STEPS
+    )
     return [sys.executable, str(ROOT / "train_sd_distil_lora.py"), *args]
 
 
@@ -137,7 +131,9 @@ def _lora(out: Path) -> dict[str, torch.Tensor]:
 def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", n=6)
     reference = tmp_path / "reference"
-    subprocess.run(_cmd(tiny_model_dir, data, reference), env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(tiny_model_dir, data, reference), env=subprocess_env(), check=True, capture_output=True, timeout=300
+    )
     expected = _lora(reference)
 
     # 1) SIGKILL right after the first checkpoint; leave a half-written checkpoint behind too,
@@ -149,27 +145,31 @@ def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_mod
     half = killed / ".checkpoint-99.tmp"
     half.mkdir(exist_ok=True)
     (half / "pytorch_lora_weights.safetensors").write_bytes(b"half")
-    subprocess.run(_cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"), env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"),
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     got = _lora(killed)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed run differs from the uninterrupted one"
 
     # 2) SIGTERM with --save_on_interrupt later in the run: a checkpoint at the stop step, exit 130.
     termed = tmp_path / "termed"
-    code = _interrupt_when(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt"), termed / "checkpoint-6", signal.SIGTERM)
+    code = _interrupt_when(
+        _cmd(tiny_model_dir, data, termed, "--save_on_interrupt"), termed / "checkpoint-6", signal.SIGTERM
+    )
     assert code == 130
     steps = sorted(int(p.name.split("-")[1]) for p in termed.glob("checkpoint-*"))
     assert steps and steps[-1] >= 6
-    subprocess.run(_cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"), env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"),
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     got = _lora(termed)
     assert all(torch.equal(got[k], expected[k]) for k in expected), "run resumed after SIGTERM differs"
-
-
-def test_rotation_keeps_the_checkpoint_being_resumed_from(tmp_path: Path) -> None:
-    from sd_distill.checkpoint import list_checkpoints, rotate
-
-    for step in (2, 4, 6, 8):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / ".checkpoint-10.tmp").mkdir()
-    rotate(tmp_path, limit=1, protect=tmp_path / "checkpoint-2")
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]

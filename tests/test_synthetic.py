@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_distill.checker import ATTRIBUTES, adherence, parse_caption, read_scene
-from sd_distill.synthetic import (
+from sd_distill.toy.checker import ATTRIBUTES, adherence, parse_caption, read_scene
+from sd_distill.toy.synthetic import (
     all_scenes,
     held_out_prompts,
     held_out_scenes,

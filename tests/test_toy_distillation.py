@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from sd_distill.compare import CompareConfig
-from sd_distill.compare import run as compare
-from sd_distill.config import parse_args
+from sd_distill.eval.compare import CompareConfig
+from sd_distill.eval.compare import run as compare
 from sd_distill.lora import RESNET_AND_ATTENTION_TARGET_MODULES
-from sd_distill.synthetic import held_out_prompts, write_imagefolder
+from sd_distill.toy.synthetic import held_out_prompts, write_imagefolder
+from sd_distill.train import parse_args, run
 
 TOY_SD = Path(__file__).resolve().parents[1] / "models" / "toy-sd"
 STEPS = 120
@@ -23,24 +23,58 @@ STEPS = 120
 
 @pytest.mark.usefixtures("one_thread")
 def test_short_distillation_beats_the_unguided_teacher(tmp_path: Path) -> None:
-    from sd_distill import train
 
     data = write_imagefolder(tmp_path / "data", n=512, seed=0)
     lora = tmp_path / "lora"
-    stats = train.run(parse_args([
-        "--pretrained_model_name_or_path", str(TOY_SD), "--train_data_dir", str(data), "--output_dir", str(lora),
-        "--resolution", "32", "--train_batch_size", "16", "--max_train_steps", str(STEPS), "--learning_rate", "1e-3",
-        "--lora_rank", "16", "--guidance_scale", "7.5", "--cache_latents", "--cache_text_embeddings",
-        "--checkpointing_steps", str(STEPS), "--report_to", "none", "--default_prompt", "", "--seed", "0",
-        "--lora_target_modules", *RESNET_AND_ATTENTION_TARGET_MODULES,
-    ]))
+    stats = run(
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                str(TOY_SD),
+                "--train_data_dir",
+                str(data),
+                "--output_dir",
+                str(lora),
+                "--resolution",
+                "32",
+                "--train_batch_size",
+                "16",
+                "--max_train_steps",
+                str(STEPS),
+                "--learning_rate",
+                "1e-3",
+                "--lora_rank",
+                "16",
+                "--guidance_scale",
+                "7.5",
+                "--cache_latents",
+                "--cache_text_embeddings",
+                "--checkpointing_steps",
+                str(STEPS),
+                "--report_to",
+                "none",
+                "--default_prompt",
+                "",
+                "--seed",
+                "0",
+                "--lora_target_modules",
+                *RESNET_AND_ATTENTION_TARGET_MODULES,
+            ]
+        )
+    )
     assert stats.global_step == STEPS
 
     prompts = held_out_prompts()[::6]  # 6 unseen attribute combinations
-    report = compare(CompareConfig(
-        ft_model=str(lora), out_dir=str(tmp_path / "compare"), prompts=prompts, num_inference_steps=20, seed=0,
-        also_base_without_cfg=True,
-    ))
+    report = compare(
+        CompareConfig(
+            ft_model=str(lora),
+            out_dir=str(tmp_path / "compare"),
+            prompts=prompts,
+            num_inference_steps=20,
+            seed=0,
+            also_base_without_cfg=True,
+        )
+    )
     fidelity = report["fidelity"]
     distilled = fidelity["distilled_vs_base_cfg"]["mse"]
     unguided = fidelity["base_nocfg_vs_base_cfg"]["mse"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_distill.checker import pipeline_adherence
-from sd_distill.synthetic import held_out_prompts
+from sd_distill.toy.checker import pipeline_adherence
+from sd_distill.toy.synthetic import held_out_prompts
 
 TOY_SD = Path(__file__).resolve().parents[1] / "models" / "toy-sd"
 
@@ -87,7 +87,7 @@ def test_vae_latent_is_the_pooled_image(toy_pipe) -> None:
     """The fixed-function VAE: latent = 2x2-average-pooled image, decode = nearest upsample."""
     import numpy as np
 
-    from sd_distill.synthetic import make_dataset
+    from sd_distill.toy.synthetic import make_dataset
 
     images, _ = make_dataset(4, seed=7)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [4, 3, 32, 32]

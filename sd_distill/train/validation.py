@@ -9,16 +9,23 @@ from typing import Any
 
 import torch
 
+from ..lora import adapter_disabled
+from ..models import Components
 from .config import TrainConfig
-from .lora import adapter_disabled
-from .models import Components
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def run_validation(accelerator: Any, model: Any, separate_teacher: Any, components: Components,
-                   config: TrainConfig, step: int, weight_dtype: torch.dtype) -> None:
+def run_validation(
+    accelerator: Any,
+    model: Any,
+    separate_teacher: Any,
+    components: Components,
+    config: TrainConfig,
+    step: int,
+    weight_dtype: torch.dtype,
+) -> None:
     """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
     (ZeRO-3 gathers parameters collectively), the main process writes the images."""
     import numpy as np
@@ -26,9 +33,14 @@ def run_validation(accelerator: Any, model: Any, separate_teacher: Any, componen
 
     def pipe_with(unet: Any) -> Any:
         pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            unet=unet,
             scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -48,10 +60,14 @@ def run_validation(accelerator: Any, model: Any, separate_teacher: Any, componen
             images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
             gen = torch.Generator(accelerator.device).manual_seed(seed)
             if teacher_pipe is not None:
-                images["teacher"].append(teacher_pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
+                images["teacher"].append(
+                    teacher_pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0]
+                )
             else:
                 with adapter_disabled(model):
-                    images["teacher"].append(pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0])
+                    images["teacher"].append(
+                        pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0]
+                    )
     model.train()
     if parked:
         components.vae.to("cpu"), components.text_encoder.to("cpu")
@@ -65,6 +81,8 @@ def run_validation(accelerator: Any, model: Any, separate_teacher: Any, componen
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 for side, imgs in images.items():
-                    tracker.writer.add_images(f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC")
+                    tracker.writer.add_images(
+                        f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC"
+                    )
         logger.info("validation images for step %d in %s", step, folder)
     accelerator.wait_for_everyone()

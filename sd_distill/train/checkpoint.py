@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_FILE_NAME, ConfigError
-from .lora import lora_state_dict, save_lora
+from ..constants import CONFIG_FILE_NAME, STATE_FILE_NAME
+from ..lora import lora_state_dict, save_lora
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE_NAME = "training_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Settings a checkpoint's optimizer state and adapter depend on: resuming with others is an error.
 _MUST_MATCH = ("pretrained_model_name_or_path", "lora_rank", "lora_target_modules", "teacher")
@@ -55,7 +55,10 @@ def resolve_resume(config: Any) -> Path | None:
 def check_compatible(path: Path, config: Any) -> None:
     state_file, config_file = path / STATE_FILE_NAME, path / CONFIG_FILE_NAME
     if not state_file.is_file() or not config_file.is_file():
-        raise ConfigError(f"--resume_from_checkpoint {str(path)!r} is not an sd-distill checkpoint (no {STATE_FILE_NAME}); give a checkpoint-<step> folder or 'latest'.")
+        raise ConfigError(
+            f"--resume_from_checkpoint {str(path)!r} is not an sd-distill checkpoint (no {STATE_FILE_NAME}); "
+            "give a checkpoint-<step> folder or 'latest'."
+        )
     saved = json.loads(config_file.read_text())
     mismatches = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {getattr(config, key)!r}"
@@ -64,8 +67,8 @@ def check_compatible(path: Path, config: Any) -> None:
     ]
     if mismatches:
         raise ConfigError(
-            f"checkpoint {str(path)!r} was made with other settings; resume with the same ones or start a new --output_dir:\n  - "
-            + "\n  - ".join(mismatches)
+            f"checkpoint {str(path)!r} was made with other settings; "
+            "resume with the same ones or start a new --output_dir:\n  - " + "\n  - ".join(mismatches)
         )
 
 

@@ -5,7 +5,7 @@ ignores the caption gets most of them wrong; that is what lets the toy teacher s
 classifier-free guidance matters. Images are 32x32: the shapes stay recognisable (the smallest is
 10 px across) while a teacher training step on one CPU thread stays cheap (the toy VAE maps them to
 a 16x16 latent; at 64x64 each step would cost ~4x more). Shapes are drawn without anti-aliasing so
-that ``sd_distill.checker`` can read them back from pixel statistics alone.
+that ``sd_distill.toy.checker`` can read them back from pixel statistics alone.
 
 A fixed tenth of the attribute combinations never appears in a training caption; their captions are
 the held-out prompts of the demo (``held_out_prompts``).
@@ -51,8 +51,11 @@ POSITIONS: dict[str, tuple[float, float]] = {
 JITTER_PX = 1.0
 # Every attribute a caption names, in ``Scene``'s field order, with its values.
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
-    "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES,
-    "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS),
+    "size": tuple(SIZES),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
 }
 
 # Which combinations are held out is fixed (not tied to a data seed), so every training set made by

@@ -8,25 +8,23 @@ before training (map-style sets) or skipped as they stream by, and counted; they
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
-import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from .config import DATA_SUFFIXES, ConfigError, TrainConfig
+from ..constants import DATA_BUILDERS, DATA_SUFFIXES
+from .config import ConfigError, TrainConfig
+from .rows import DataSpec, clean_caption, decode_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "jpg", "png", "pixel_values", "file_name", "image_path", "path")
 CAPTION_COLUMN_CANDIDATES = ("text", "prompt", "caption", "captions", "sentence", "txt", "description")
-_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +42,11 @@ def load_table(config: TrainConfig) -> Any:
     except ConfigError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the message, not a stack
-        if isinstance(err, StopIteration) or "empty" in str(err).lower() or "at least one data file" in str(err).lower():
+        if (
+            isinstance(err, StopIteration)
+            or "empty" in str(err).lower()
+            or "at least one data file" in str(err).lower()
+        ):
             raise ConfigError(f"the dataset is empty: {source!r} has no rows (or no images).") from err
         raise ConfigError(
             f"could not read the dataset {source!r}: {type(err).__name__}: {err}. Give a hub id, a folder of images "
@@ -68,18 +70,22 @@ def _load_table(config: TrainConfig) -> Any:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), **kw)
         elif path.is_dir():
             files = _data_files_in(path)
-            ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
+            ds = datasets.load_dataset(DATA_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
         elif "://" in name and Path(name).suffix in DATA_SUFFIXES:  # e.g. hf://datasets/…/*.parquet
-            ds = datasets.load_dataset(_BUILDERS[Path(name).suffix], data_files=name, **kw)
+            ds = datasets.load_dataset(DATA_BUILDERS[Path(name).suffix], data_files=name, **kw)
         elif Path(name).suffix in DATA_SUFFIXES or glob.glob(os.path.expanduser(name)):
             files = sorted(glob.glob(os.path.expanduser(name)))
-            ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
+            ds = datasets.load_dataset(DATA_BUILDERS[Path(files[0]).suffix], data_files=files, **kw)
         else:
             ds = datasets.load_dataset(name, config.dataset_config_name, **kw)
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     if config.max_train_samples is not None:
-        ds = ds.take(config.max_train_samples) if config.streaming else ds.select(range(min(config.max_train_samples, len(ds))))
+        ds = (
+            ds.take(config.max_train_samples)
+            if config.streaming
+            else ds.select(range(min(config.max_train_samples, len(ds))))
+        )
     return ds
 
 
@@ -107,7 +113,10 @@ def resolve_columns(column_names: list[str], image_column: str | None, caption_c
             continue
         found = next((c for c in candidates if c in column_names), None)
         if found is None:
-            errors.append(f"no {what} column found (looked for {list(candidates)}); its columns are {column_names}; name one with {flag}.")
+            errors.append(
+                f"no {what} column found (looked for {list(candidates)}); its columns are {column_names}; "
+                f"name one with {flag}."
+            )
         chosen.append(found or "")
     if errors:
         raise ConfigError("invalid dataset:\n  - " + "\n  - ".join(errors))
@@ -125,92 +134,8 @@ def _prepare_image_column(table: Any, image_column: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Decoding and transforms
-# ------------------------------------------------------------------------------------------------
-def decode_image(value: Any, root: str | None = None) -> Image.Image | None:
-    """An RGB PIL image from a dataset cell (bytes/path dict, path string, raw bytes or PIL image);
-    ``None`` when it cannot be decoded or is empty. Greyscale, CMYK, palette, alpha and 16-bit
-    images are converted."""
-    try:
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-            img = Image.open(io.BytesIO(data)) if data else Image.open(_join(root, path))
-        elif isinstance(value, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            img = Image.open(_join(root, value))
-        elif isinstance(value, Image.Image):
-            img = value
-        else:
-            return None
-        img.load()
-        if img.width == 0 or img.height == 0:
-            return None
-        return to_rgb(img)
-    except Exception:  # any decoder failure (truncated, not an image, missing file) is a bad row
-        return None
-
-
-def _join(root: str | None, path: str) -> str:
-    return path if root is None or os.path.isabs(path) else os.path.join(root, path)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white and high bit depths scaled, not clipped."""
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if arr.max() > 255:
-            arr = arr * (255.0 / 65535.0)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def image_to_tensor(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square, maybe flip; ``[3, R, R]`` in [-1, 1]."""
-    scale = resolution / min(img.width, img.height)
-    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        img = ImageOps.mirror(img)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [R, R, 3]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def clean_caption(value: Any) -> tuple[str, bool]:
-    """``(caption, was_bad)``: empty or non-string captions become the empty prompt."""
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        value = value[0]  # several captions per image: take the first, deterministically
-    if isinstance(value, str) and value.strip():
-        return value.strip(), False
-    return "", True
-
-
-# ------------------------------------------------------------------------------------------------
 # torch datasets
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class DataSpec:
-    image_column: str
-    caption_column: str
-    resolution: int
-    center_crop: bool
-    random_flip: bool
-    seed: int
-    root: str | None = None
-
-
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Map-style view over the readable rows of a table. Augmentation draws from a generator
     seeded by ``(seed, epoch, row)``, so a resumed run sees exactly the same crops and flips."""
@@ -226,22 +151,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row_index = self.rows[i]
-        return {**self.example(self.table[row_index], row_index, self.epoch), "index": i}
+        example = self.spec.example(self.table[row_index], row_index, self.epoch)
+        if example is None:  # readable at scan time; unreadable now means the files changed under us
+            raise RuntimeError(f"row {row_index}: image became unreadable during training")
+        return {**example, "index": i}
 
     def caption(self, i: int) -> str:
-        return clean_caption(self.table[self.rows[i]][self.spec.caption_column])[0]
-
-    def example(self, row: dict[str, Any], row_index: int, epoch: int) -> dict[str, Any]:
-        s = self.spec
-        img = decode_image(row[s.image_column], s.root)
-        if img is None:  # readable at scan time; unreadable now means the files changed under us
-            raise RuntimeError(f"row {row_index}: image became unreadable during training")
-        rng = random.Random(hash((s.seed, epoch, row_index)))
-        caption, _ = clean_caption(row[s.caption_column])
-        return {
-            "pixel_values": image_to_tensor(img, s.resolution, s.center_crop, s.random_flip, rng),
-            "caption": caption,
-        }
+        return self.spec.caption(self.table[self.rows[i]])
 
 
 class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
@@ -254,22 +170,31 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        s = self.spec
         bad = 0
         for i, row in enumerate(self.table):
-            img = decode_image(row[s.image_column], s.root)
-            if img is None:
+            example = self.spec.example(row, i, self.epoch)
+            if example is None:
                 bad += 1
                 continue
-            caption, _ = clean_caption(row[s.caption_column])
-            rng = random.Random(hash((s.seed, self.epoch, i)))
-            yield {
-                "pixel_values": image_to_tensor(img, s.resolution, s.center_crop, s.random_flip, rng),
-                "caption": caption,
-                "index": i,
-                "bad_rows_before": bad,
-            }
+            yield {**example, "index": i, "bad_rows_before": bad}
             bad = 0
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A permutation drawn from ``(seed, epoch)``: the same order when a run is resumed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def select_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,8 +248,12 @@ def build_train_data(config: TrainConfig, show_progress: bool = True) -> TrainDa
         names = list(next(iter(table)).keys())
     image_column, caption_column = resolve_columns(names, config.image_column, config.caption_column)
     table = _prepare_image_column(table, image_column)
-    root = config.train_data_dir or (config.dataset_name if config.dataset_name and os.path.isdir(config.dataset_name) else None)
-    spec = DataSpec(image_column, caption_column, config.resolution, config.center_crop, config.random_flip, config.seed or 0, root)
+    root = config.train_data_dir or (
+        config.dataset_name if config.dataset_name and os.path.isdir(config.dataset_name) else None
+    )
+    spec = DataSpec(
+        image_column, caption_column, config.resolution, config.center_crop, config.random_flip, config.seed or 0, root
+    )
     if config.streaming:
         return TrainData(StreamingImageCaptionDataset(table, spec), spec, None, None)
     if len(table) == 0:

@@ -1,4 +1,4 @@
-"""A rule-based caption-adherence checker for images of the synthetic set (``sd_distill.synthetic``).
+"""A rule-based caption-adherence checker for images of the synthetic set (``sd_distill.toy.synthetic``).
 
 It reads the five attributes back from pixel statistics, with no learned model:
 
@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from sd_distill.synthetic import (
+from .synthetic import (
     ATTRIBUTE_VALUES,
     BACKGROUNDS,
     COLOURS,
@@ -231,3 +232,14 @@ def pipeline_adherence(
     )
     captions = [p for p in prompts for _ in range(images_per_prompt)]
     return adherence(list(result.images), captions)
+
+
+def caption_adherence(images_by_column: dict[str, list[Any]], prompts: list[str]) -> dict[str, float] | None:
+    """The comparison loop's adherence scorer: per column, the fraction of images whose scene matches
+    its caption, when every prompt is a caption of the synthetic set (``None`` for any other prompts)."""
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return {key: adherence(images, prompts).score for key, images in images_by_column.items()}

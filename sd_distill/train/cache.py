@@ -11,14 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import ImageCaptionDataset, clean_caption, decode_image, image_to_tensor
-from .models import Components, encode_images, encode_prompts
+from ..models import Components, encode_images, encode_prompts
+from .data import ImageCaptionDataset
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,9 @@ logger = logging.getLogger(__name__)
 class CachedDataset(torch.utils.data.Dataset):
     """Rows of ``base`` with latents and/or text embeddings served from the cache."""
 
-    def __init__(self, base: ImageCaptionDataset, latents: torch.Tensor | None, text_embeddings: torch.Tensor | None) -> None:
+    def __init__(
+        self, base: ImageCaptionDataset, latents: torch.Tensor | None, text_embeddings: torch.Tensor | None
+    ) -> None:
         self.base, self.latents, self.text_embeddings = base, latents, text_embeddings
 
     def __len__(self) -> int:
@@ -39,7 +40,11 @@ class CachedDataset(torch.utils.data.Dataset):
         if self.latents is None:
             item = self.base[i]
         else:  # no image to decode; the caption is needed only when its embedding is not cached
-            item = {"caption": self.base.caption(i) if self.text_embeddings is None else "", "index": i, "latents": self.latents[i]}
+            item = {
+                "caption": self.base.caption(i) if self.text_embeddings is None else "",
+                "index": i,
+                "latents": self.latents[i],
+            }
         if self.text_embeddings is not None:
             item["text_embeddings"] = self.text_embeddings[i]
         return item
@@ -49,10 +54,18 @@ def cache_key(config: Any, base: ImageCaptionDataset, dtype: torch.dtype) -> str
     """Changes whenever anything the cached tensors depend on changes."""
     fingerprint = getattr(base.table, "_fingerprint", None) or str(len(base.table))
     parts = {
-        "model": config.pretrained_model_name_or_path, "revision": config.revision, "variant": config.variant,
-        "data": fingerprint, "rows": hashlib.sha1(repr(base.rows).encode()).hexdigest(),
-        "resolution": config.resolution, "center_crop": config.center_crop, "flip": config.random_flip,
-        "seed": config.seed, "latents": config.cache_latents, "text": config.cache_text_embeddings, "dtype": str(dtype),
+        "model": config.pretrained_model_name_or_path,
+        "revision": config.revision,
+        "variant": config.variant,
+        "data": fingerprint,
+        "rows": hashlib.sha1(repr(base.rows).encode()).hexdigest(),
+        "resolution": config.resolution,
+        "center_crop": config.center_crop,
+        "flip": config.random_flip,
+        "seed": config.seed,
+        "latents": config.cache_latents,
+        "text": config.cache_text_embeddings,
+        "dtype": str(dtype),
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -74,16 +87,16 @@ def build_cached_dataset(
         generator = torch.Generator(device=components.vae.device).manual_seed(spec.seed)
         for start in tqdm(range(0, len(base), batch_size), desc="caching latents/text", leave=False):
             rows = [base.table[base.rows[i]] for i in range(start, min(start + batch_size, len(base)))]
-            if config.cache_latents:
-                pixels = torch.stack([
-                    image_to_tensor(decode_image(r[spec.image_column], spec.root), spec.resolution, spec.center_crop,
-                                    spec.random_flip, random.Random(hash((spec.seed, 0, base.rows[start + k]))))
-                    for k, r in enumerate(rows)
-                ])
+            if config.cache_latents:  # epoch 0's crops and flips, as the uncached epoch 0 draws them
+                pixels = torch.stack(
+                    [spec.pixels(r[spec.image_column], base.rows[start + k], 0) for k, r in enumerate(rows)]
+                )
                 tensors["latents"].append(encode_images(components.vae, pixels, generator).cpu())
             if config.cache_text_embeddings:
-                captions = [clean_caption(r[spec.caption_column])[0] for r in rows]
-                tensors["text_embeddings"].append(encode_prompts(components.tokenizer, components.text_encoder, captions).cpu())
+                captions = [spec.caption(r) for r in rows]
+                tensors["text_embeddings"].append(
+                    encode_prompts(components.tokenizer, components.text_encoder, captions).cpu()
+                )
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file({k: torch.cat(v).contiguous() for k, v in tensors.items() if v}, str(tmp))
         os.replace(tmp, path)

@@ -1,5 +1,5 @@
-"""Training configuration: one dataclass, one docstring-like ``help`` per field, one validation
-pass that reports every problem at once before any model is loaded."""
+"""Training configuration: one dataclass (each field's ``help`` is its flag's help), one check that
+reports every problem at once, and the decisions taken from the data, all before any model loads."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import argparse
 import dataclasses
 import json
 import os
-import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from .lora import DEFAULT_TARGET_MODULES
+from ..constants import DATA_SUFFIXES, DEFAULT_BASE_MODEL
+from ..lora import DEFAULT_TARGET_MODULES
+from ..options import build_parser as _build_parser
+from ..options import option as _opt
 
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
-CONFIG_FILE_NAME = "sd_distill_config.json"
-# Caching is automatic up to this many rows: ~16 KB of latents + ~160 KB of fp16 text embeddings
-# per row at SD-2.1 sizes, so 20k rows stay within a few GB of RAM.
+# Caching is automatic up to this many rows: ~32 KiB of latents + ~160 KB of fp16 text embeddings
+# per row at SD-2.1 sizes (512 px), so 20k rows stay within a few GB of RAM.
 AUTO_CACHE_MAX_ROWS = 20_000
 
 
@@ -25,16 +26,12 @@ class ConfigError(ValueError):
     """Bad user input. The CLI prints the message (no traceback) and exits with status 2."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose ``help`` text becomes the CLI flag's help."""
-    kw = {"default_factory": lambda: list(default)} if isinstance(default, (list, tuple)) else {"default": default}
-    return field(metadata={"help": help, **extra}, **kw)
-
-
 @dataclass
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------
-    pretrained_model_name_or_path: str = _opt(DEFAULT_BASE_MODEL, "Teacher pipeline: a hub id or a local diffusers folder.")
+    pretrained_model_name_or_path: str = _opt(
+        DEFAULT_BASE_MODEL, "Teacher pipeline: a hub id or a local diffusers folder."
+    )
     revision: Optional[str] = _opt(None, "Hub revision (branch, tag or commit) of the model.")
     variant: Optional[str] = _opt(None, "Weight variant to load, e.g. 'fp16'.")
     output_dir: str = _opt("sd-distill-output", "Where checkpoints, the final LoRA and logs are written.")
@@ -42,7 +39,12 @@ class TrainConfig:
     seed: Optional[int] = _opt(42, "Seed for noise, timesteps, data order and augmentation (reproducible runs).")
     # --- distillation ------------------------------------------------------------------------
     guidance_scale: float = _opt(7.5, "Teacher CFG scale w distilled into the student: target = u + w(c - u).")
-    teacher: str = _opt("shared", "'shared': the teacher is the same UNet with the adapter disabled (one copy of the weights); 'separate': a second frozen UNet as the seed recipe keeps (for comparison).", choices=("shared", "separate"))
+    teacher: str = _opt(
+        "shared",
+        "'shared': the teacher is the same UNet with the adapter disabled (one copy of the weights); "
+        "'separate': a second frozen UNet as the seed recipe keeps (for comparison).",
+        choices=("shared", "separate"),
+    )
     loss: str = _opt("mse", "Distillation loss between student and teacher predictions.", choices=("mse", "huber"))
     huber_c: float = _opt(0.001, "Huber loss transition point (with --loss huber).")
     snr_gamma: Optional[float] = _opt(None, "Min-SNR weighting gamma (5.0 is usual); off when not given.")
@@ -50,24 +52,44 @@ class TrainConfig:
     lora_rank: int = _opt(4, "LoRA rank r.")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha (scale = alpha / r); defaults to the rank.")
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = _opt(DEFAULT_TARGET_MODULES, "UNet module names that get LoRA (the attention projections by default).", nargs="+")
+    lora_target_modules: list[str] = _opt(
+        DEFAULT_TARGET_MODULES, "UNet module names that get LoRA (the attention projections by default).", nargs="+"
+    )
     # --- data --------------------------------------------------------------------------------
-    dataset_name: Optional[str] = _opt(None, "A hub dataset id, a local dataset folder, or data files (.parquet/.arrow/.jsonl/.csv, globs allowed).")
+    dataset_name: Optional[str] = _opt(
+        None, "A hub dataset id, a local dataset folder, or data files (.parquet/.arrow/.jsonl/.csv, globs allowed)."
+    )
     dataset_config_name: Optional[str] = _opt(None, "Dataset configuration name, for hub datasets that have several.")
-    train_data_dir: Optional[str] = _opt(None, "A local image folder with metadata.jsonl or metadata.csv (file_name + caption).")
+    train_data_dir: Optional[str] = _opt(
+        None, "A local image folder with metadata.jsonl or metadata.csv (file_name + caption)."
+    )
     image_column: Optional[str] = _opt(None, "Image column; detected ('image', 'img', ...) when not given.")
-    caption_column: Optional[str] = _opt(None, "Caption column; detected ('text', 'prompt', 'caption', ...) when not given.")
+    caption_column: Optional[str] = _opt(
+        None, "Caption column; detected ('text', 'prompt', 'caption', ...) when not given."
+    )
     max_train_samples: Optional[int] = _opt(None, "Use only the first N rows (quick runs, debugging).")
     streaming: bool = _opt(False, "Stream the dataset instead of downloading/reading it whole (large sets).")
     caption_dropout: float = _opt(0.0, "Probability of replacing a caption with the empty prompt.")
-    max_bad_fraction: float = _opt(0.1, "Stop with an error when more than this fraction of rows has an unreadable image.")
+    max_bad_fraction: float = _opt(
+        0.1, "Stop with an error when more than this fraction of rows has an unreadable image."
+    )
     resolution: int = _opt(512, "Training image size (multiple of 8); images are resized and cropped to it.")
     center_crop: bool = _opt(False, "Center-crop instead of random-crop.")
     random_flip: bool = _opt(False, "Randomly flip images horizontally.")
-    default_prompt: str = _opt("A man dancing", "Validation prompt used when --validation_prompts is not given (the seed's flag).")
+    default_prompt: str = _opt(
+        "A man dancing", "Validation prompt used when --validation_prompts is not given (the seed's flag)."
+    )
     # --- caching -----------------------------------------------------------------------------
-    cache_latents: Optional[bool] = _opt(None, f"Encode every image with the VAE once (crops are then drawn once). Default: on for map-style sets of at most {AUTO_CACHE_MAX_ROWS} rows without --random_flip (a step took 0.74x the time, see BENCHMARKS.md).")
-    cache_text_embeddings: Optional[bool] = _opt(None, f"Encode every caption with the text encoder once. Default: on for map-style sets of at most {AUTO_CACHE_MAX_ROWS} rows.")
+    cache_latents: Optional[bool] = _opt(
+        None,
+        "Encode every image with the VAE once (crops are then drawn once). Default: on for map-style sets of at "
+        f"most {AUTO_CACHE_MAX_ROWS} rows without --random_flip (a step took 0.74x the time, see BENCHMARKS.md).",
+    )
+    cache_text_embeddings: Optional[bool] = _opt(
+        None,
+        "Encode every caption with the text encoder once. "
+        f"Default: on for map-style sets of at most {AUTO_CACHE_MAX_ROWS} rows.",
+    )
     cache_dir: Optional[str] = _opt(None, "Where caches are stored (default: <output_dir>/cache).")
     # --- optimisation ------------------------------------------------------------------------
     train_batch_size: int = _opt(1, "Batch size per device.")
@@ -76,14 +98,20 @@ class TrainConfig:
     num_train_epochs: int = _opt(1, "Epochs, used when --max_train_steps is not given.")
     learning_rate: float = _opt(1e-4, "Peak learning rate of the LoRA parameters.")
     scale_lr: bool = _opt(False, "Multiply the learning rate by batch size x accumulation x number of processes.")
-    lr_scheduler: str = _opt("constant", "Learning-rate schedule.", choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
+    lr_scheduler: str = _opt(
+        "constant",
+        "Learning-rate schedule.",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
-    mixed_precision: Optional[str] = _opt(None, "'no', 'fp16' or 'bf16'; defaults to the accelerate config.", choices=("no", "fp16", "bf16"))
+    mixed_precision: Optional[str] = _opt(
+        None, "'no', 'fp16' or 'bf16'; defaults to the accelerate config.", choices=("no", "fp16", "bf16")
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory, slower).")
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs (faster).")
     dataloader_num_workers: int = _opt(0, "Data loading worker processes (0: load in the main process).")
@@ -93,9 +121,13 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: Optional[str] = _opt(None, "A checkpoint folder, or 'latest' (the newest in output_dir).")
     save_on_interrupt: bool = _opt(False, "On SIGTERM/SIGINT write a checkpoint before exiting (preemptible nodes).")
-    export_fused_pipeline: Optional[str] = _opt(None, "Also write a full pipeline with the LoRA fused into the UNet to this folder.")
+    export_fused_pipeline: Optional[str] = _opt(
+        None, "Also write a full pipeline with the LoRA fused into the UNet to this folder."
+    )
     # --- validation and logging --------------------------------------------------------------
-    validation_prompts: list[str] = _opt((), "Prompts rendered by student (guidance 1) and teacher (guidance w) during training.", nargs="*")
+    validation_prompts: list[str] = _opt(
+        (), "Prompts rendered by student (guidance 1) and teacher (guidance w) during training.", nargs="*"
+    )
     validation_steps: int = _opt(500, "Render validation images every N optimizer steps (and at the end).")
     num_validation_inference_steps: int = _opt(25, "Sampling steps of validation images.")
     report_to: str = _opt("tensorboard", "Tracker: 'tensorboard', 'wandb', 'all' or 'none'.")
@@ -113,92 +145,137 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per :class:`TrainConfig` field."""
-    parser = argparse.ArgumentParser(
-        description="Distill classifier-free guidance of a Stable Diffusion UNet into a LoRA adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return _build_parser(
+        TrainConfig, "Distill classifier-free guidance of a Stable Diffusion UNet into a LoRA adapter."
     )
-    for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        help_text = meta.pop("help")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name
-        if "bool" in str(f.type):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
-        parser.add_argument(flag, type=_scalar_type(f.type), default=default, help=help_text, **meta)
-    return parser
-
-
-def _scalar_type(annotation: Any) -> Any:
-    text = str(annotation)
-    for name, typ in (("int", int), ("float", float)):
-        if re.search(rf"\b{name}\b", text):
-            return typ
-    return str
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the CLI into a :class:`TrainConfig` and validate it (raises :class:`ConfigError`)."""
-    ns = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(ns))
-    validate(config)
-    return config
+    """Parse the CLI into a :class:`TrainConfig`; the run checks it (:func:`config_errors`) before any work."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def validate(config: TrainConfig) -> None:
-    """Check everything that can be checked without loading a model; report all problems at once."""
+    """Raise one :class:`ConfigError` listing every problem :func:`config_errors` finds."""
+    raise_if_any(config_errors(config))
+
+
+def raise_if_any(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+
+
+def config_errors(config: TrainConfig) -> list[str]:
+    """Everything that can be checked without loading a model or data, as one message each."""
     errors: list[str] = []
-    c = config
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             errors.append(message)
 
-    need(c.resolution > 0 and c.resolution % 8 == 0,
-         f"--resolution {c.resolution} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(c.resolution / 8) * 8)}.")
+    _check_values(config, need)
+    _check_sources(config, need)
+    return errors
+
+
+Need = Callable[[bool, str], None]  # need(ok, message): records message unless ok
+
+
+def _check_values(c: TrainConfig, need: Need) -> None:
+    """Numbers out of range and settings that cannot go together."""
+    need(
+        c.resolution > 0 and c.resolution % 8 == 0,
+        f"--resolution {c.resolution} is not a positive multiple of 8 (the VAE downsamples by 8); "
+        f"try {max(8, round(c.resolution / 8) * 8)}.",
+    )
     need(c.train_batch_size >= 1, f"--train_batch_size {c.train_batch_size} must be at least 1.")
-    need(c.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps {c.gradient_accumulation_steps} must be at least 1.")
-    need(c.max_train_steps is None or c.max_train_steps >= 1, f"--max_train_steps {c.max_train_steps} must be at least 1.")
+    need(
+        c.gradient_accumulation_steps >= 1,
+        f"--gradient_accumulation_steps {c.gradient_accumulation_steps} must be at least 1.",
+    )
+    need(
+        c.max_train_steps is None or c.max_train_steps >= 1,
+        f"--max_train_steps {c.max_train_steps} must be at least 1.",
+    )
     need(c.num_train_epochs >= 1, f"--num_train_epochs {c.num_train_epochs} must be at least 1.")
     need(c.learning_rate > 0, f"--learning_rate {c.learning_rate} must be positive.")
     need(c.lora_rank >= 1, f"--lora_rank {c.lora_rank} must be at least 1.")
     need(0 <= c.lora_dropout < 1, f"--lora_dropout {c.lora_dropout} must be in [0, 1).")
     need(0 <= c.caption_dropout <= 1, f"--caption_dropout {c.caption_dropout} must be in [0, 1].")
     need(0 <= c.max_bad_fraction <= 1, f"--max_bad_fraction {c.max_bad_fraction} must be in [0, 1].")
-    need(c.guidance_scale >= 1, f"--guidance_scale {c.guidance_scale} below 1 is not classifier-free guidance; the seed and SD use 7.5.")
+    need(
+        c.guidance_scale >= 1,
+        f"--guidance_scale {c.guidance_scale} below 1 is not classifier-free guidance; the seed and SD use 7.5.",
+    )
     need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
     need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")
     need(c.validation_steps >= 1, f"--validation_steps {c.validation_steps} must be at least 1.")
-    need(c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
-         f"--checkpoints_total_limit {c.checkpoints_total_limit} must be at least 1.")
-    need(c.max_train_samples is None or c.max_train_samples >= 1, f"--max_train_samples {c.max_train_samples} must be at least 1.")
+    need(
+        c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+        f"--checkpoints_total_limit {c.checkpoints_total_limit} must be at least 1.",
+    )
+    need(
+        c.max_train_samples is None or c.max_train_samples >= 1,
+        f"--max_train_samples {c.max_train_samples} must be at least 1.",
+    )
     need(c.dataloader_num_workers >= 0, f"--dataloader_num_workers {c.dataloader_num_workers} must be 0 or more.")
-    need(c.report_to in ("tensorboard", "wandb", "all", "none"), f"--report_to {c.report_to!r}: choose tensorboard, wandb, all or none.")
-    need(not (c.streaming and (c.cache_latents or c.cache_text_embeddings)),
-         "--streaming cannot be combined with --cache_latents/--cache_text_embeddings (a stream is read once); drop one.")
-    need(not c.streaming or c.max_train_steps is not None,
-         "--streaming needs --max_train_steps (a stream has no known length, so epochs cannot be counted).")
-    need(c.dataset_name is not None or c.train_data_dir is not None,
-         "no training data: give --dataset_name (hub id, folder or data files) or --train_data_dir (image folder with metadata.jsonl).")
-    need(c.dataset_name is None or c.train_data_dir is None, "give either --dataset_name or --train_data_dir, not both.")
+    need(
+        c.report_to in ("tensorboard", "wandb", "all", "none"),
+        f"--report_to {c.report_to!r}: choose tensorboard, wandb, all or none.",
+    )
+    need(
+        not (c.streaming and (c.cache_latents or c.cache_text_embeddings)),
+        "--streaming cannot be combined with --cache_latents/--cache_text_embeddings (a stream is read once); "
+        "drop one.",
+    )
+    need(
+        not c.streaming or c.max_train_steps is not None,
+        "--streaming needs --max_train_steps (a stream has no known length, so epochs cannot be counted).",
+    )
+
+
+def _check_sources(c: TrainConfig, need: Need) -> None:
+    """Data, model and checkpoint paths that do not exist or are not what they should be."""
+    need(
+        c.dataset_name is not None or c.train_data_dir is not None,
+        "no training data: give --dataset_name (hub id, folder or data files) "
+        "or --train_data_dir (image folder with metadata.jsonl).",
+    )
+    need(
+        c.dataset_name is None or c.train_data_dir is None, "give either --dataset_name or --train_data_dir, not both."
+    )
     if c.train_data_dir is not None:
         need(Path(c.train_data_dir).is_dir(), f"--train_data_dir {c.train_data_dir!r} is not a folder.")
     if c.dataset_name is not None and _looks_local(c.dataset_name):
-        need(_local_data_exists(c.dataset_name), f"--dataset_name {c.dataset_name!r} looks like a local path but nothing is there.")
+        need(
+            _local_data_exists(c.dataset_name),
+            f"--dataset_name {c.dataset_name!r} looks like a local path but nothing is there.",
+        )
     if _looks_local(c.pretrained_model_name_or_path):
         model = Path(c.pretrained_model_name_or_path)
-        if not model.exists():
-            errors.append(f"--pretrained_model_name_or_path {str(model)!r} does not exist; give a local diffusers pipeline folder or a hub id such as {DEFAULT_BASE_MODEL}.")
-        elif not (model / "model_index.json").is_file():
-            errors.append(f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder (no model_index.json); save one with pipeline.save_pretrained().")
+        need(
+            model.exists(),
+            f"--pretrained_model_name_or_path {str(model)!r} does not exist; "
+            f"give a local diffusers pipeline folder or a hub id such as {DEFAULT_BASE_MODEL}.",
+        )
+        need(
+            not model.exists() or (model / "model_index.json").is_file(),
+            f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder "
+            "(no model_index.json); save one with pipeline.save_pretrained().",
+        )
     if c.resume_from_checkpoint not in (None, "latest"):
-        need(Path(c.resume_from_checkpoint).is_dir(), f"--resume_from_checkpoint {c.resume_from_checkpoint!r} is not a folder; give a checkpoint-<step> folder or 'latest'.")
+        need(
+            Path(c.resume_from_checkpoint).is_dir(),
+            f"--resume_from_checkpoint {c.resume_from_checkpoint!r} is not a folder; "
+            "give a checkpoint-<step> folder or 'latest'.",
+        )
     if c.report_to in ("wandb", "all"):
         import importlib.util
 
-        need(importlib.util.find_spec("wandb") is not None, f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).")
-    if errors:
-        raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+        need(
+            importlib.util.find_spec("wandb") is not None,
+            f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).",
+        )
 
 
 def resolve_auto_cache(config: TrainConfig, num_rows: int | None) -> TrainConfig:
@@ -216,19 +293,16 @@ def _looks_local(name: str) -> bool:
         return True
     if "://" in name:  # hf://, s3://, https:// data files: remote, read by datasets/fsspec
         return False
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or "*" in name or Path(name).suffix in DATA_SUFFIXES
-
-
-DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or "*" in name
+        or Path(name).suffix in DATA_SUFFIXES
+    )
 
 
 def _local_data_exists(name: str) -> bool:
     import glob
 
     return os.path.exists(name) or bool(glob.glob(os.path.expanduser(name)))
-
-
-def load_saved_config(folder: str | Path) -> dict[str, Any]:
-    """The resolved config a run wrote next to its LoRA weights (empty if there is none)."""
-    path = Path(folder) / CONFIG_FILE_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -32,17 +32,18 @@ def psnr_ssim(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> dic
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     p, t = to_tensor(preds), to_tensor(targets)
-    psnr = [
-        float(peak_signal_noise_ratio(p[i : i + 1], t[i : i + 1], data_range=1.0)) for i in range(len(p))
-    ]
+    psnr = [float(peak_signal_noise_ratio(p[i : i + 1], t[i : i + 1], data_range=1.0)) for i in range(len(p))]
     # MSE on [0, 1] pixels, all images together: the demo's "closer to the guided teacher" figure
-    out: dict[str, Any] = {"psnr": mean(psnr), "psnr_per_image": psnr, "mse": float(mean_squared_error(p.reshape(-1), t.reshape(-1)))}
+    out: dict[str, Any] = {
+        "psnr": mean(psnr),
+        "psnr_per_image": psnr,
+        "mse": float(mean_squared_error(p.reshape(-1), t.reshape(-1))),
+    }
     if min(p.shape[-2:]) < SSIM_KERNEL:
         out.update(ssim=None, ssim_per_image=None, ssim_reason=f"images smaller than the {SSIM_KERNEL}px window")
         return out
     ssim = [
-        float(structural_similarity_index_measure(p[i : i + 1], t[i : i + 1], data_range=1.0))
-        for i in range(len(p))
+        float(structural_similarity_index_measure(p[i : i + 1], t[i : i + 1], data_range=1.0)) for i in range(len(p))
     ]
     out.update(ssim=mean(ssim), ssim_per_image=ssim)
     return out

@@ -1,0 +1,21 @@
+"""Names shared by training, evaluation and the CLIs; torch-free, so importing it costs nothing."""
+
+from __future__ import annotations
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+# What a training run writes into its output folder (and into each checkpoint).
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CONFIG_FILE_NAME = "sd_distill_config.json"
+STATE_FILE_NAME = "training_state.json"
+SUMMARY_FILE_NAME = "train_summary.json"
+MODEL_CARD_NAME = "README.md"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+# Tabular data files `datasets` reads, by suffix -> its builder name.
+DATA_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+DATA_SUFFIXES = tuple(DATA_BUILDERS)
+
+# Precision names of the comparison loop's --dtype.
+DTYPE_NAMES = ("fp16", "bf16", "fp32")

@@ -1,0 +1,122 @@
+"""The side-by-side comparison loop: base with CFG | distilled (one UNet pass per step) | [base without CFG].
+
+``run(config)`` validates everything first (no model is loaded before the inputs are known to be
+usable), loads each pipeline once, renders every prompt with a fresh
+``torch.Generator(device).manual_seed(seed)`` per image (so each column is exactly what a stock
+diffusers pipeline gives with the same arguments), and writes ``grid.png``, one PNG per image and
+``report.json`` / ``report.md`` into ``out_dir``.
+
+Memory: the distilled pipeline shares the base pipeline's VAE, text encoder and tokenizer and
+holds its own copy of the UNet with the LoRA fused in. Why a copy rather than toggling one UNet's
+adapter: (1) a fused UNet is a plain UNet, so the distilled column's speed is what users get in
+deployment, not slowed by LoRA side branches; (2) the base column runs the untouched base weights,
+bit-identical to a stock pipeline (fusing/unfusing into shared weights would leave float residue);
+(3) no state flips between columns, which keeps batching/multi-process runs simple. The price is
+one extra UNet (about 1.7 GB in fp16 for SD 2.1) while the VAE and text encoder stay shared.
+``--no_fuse_lora`` keeps the adapter unfused (peft layers), still on the copy.
+
+Several processes (``accelerate launch``): prompts are split with ``PartialState.split_between_processes``,
+images and timings are gathered with ``gather_object``, and the main process writes the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import CompareConfig, CompareError, parse_args, resolve
+from .pipelines import UNetCounter, load_pipelines, wrap_deepspeed
+from .render import Column, sample
+from .report import build_report, columns_report, save_images, write_report
+from .scores import load_scorer, score
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: CompareConfig) -> dict[str, Any]:
+    """Validate, load each pipeline once, render all prompts, write outputs; returns the report
+    (on every process: the main process broadcasts it)."""
+    res = resolve(config)  # before anything heavy
+    scorer = load_scorer(config.adherence_scorer)
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    state, device = _process_state(config)
+    base, distilled = load_pipelines(res, config, device)
+    if config.deepspeed_inference:
+        wrap_deepspeed(base, res.dtype)
+        wrap_deepspeed(distilled, res.dtype)
+    base_counter, distilled_counter = UNetCounter(base.unet), UNetCounter(distilled.unet)
+    columns = [
+        Column("base_cfg", "base (CFG)", base, res.guidance_scale, base_counter),
+        Column("distilled", "distilled", distilled, config.ft_guidance_scale, distilled_counter),
+    ]
+    if config.also_base_without_cfg:
+        columns.append(Column("base_nocfg", "base (no CFG)", base, 1.0, base_counter))
+    logger.info(
+        "comparing %s (%s) with base %s (%s) on %d prompts, %s %s, %d process(es)",
+        res.ft_path,
+        res.ft_kind,
+        res.base,
+        res.base_source,
+        len(res.prompts),
+        device,
+        res.dtype,
+        state.num_processes,
+    )
+
+    with state.split_between_processes(list(range(len(res.prompts)))) as mine:
+        records = sample(columns, res.prompts, list(mine), config, device, state.is_main_process)
+    if state.num_processes > 1:
+        records = gather_object(records)
+
+    report: list[Any] = [None]
+    if state.is_main_process:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        report[0] = _assemble(columns, records, res, config, device, state.num_processes, scorer)
+        logger.info("wrote %s", Path(config.out_dir) / "grid.png")
+    if state.num_processes > 1:
+        broadcast_object_list(report)
+    return report[0]
+
+
+def _process_state(config: CompareConfig) -> tuple[Any, Any]:
+    """accelerate's view of this process and the device it renders on."""
+    import torch
+    from accelerate import PartialState
+
+    wants_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=wants_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    device = torch.device(config.device) if config.device else state.device
+    if state.num_processes > 1 and device.type == "cuda" and device.index is None:
+        device = state.device  # one GPU per process
+    if device.type == "cpu":
+        device = torch.device("cpu")  # accelerate says "cpu:0"; Generator/pipelines want plain "cpu"
+    return state, device
+
+
+def _assemble(
+    columns: list[Column],
+    records: list[dict],
+    res: Any,
+    config: CompareConfig,
+    device: Any,
+    num_processes: int,
+    scorer: Any,
+) -> dict[str, Any]:
+    """Main process: images (PNGs, grid), scores, report (json, markdown)."""
+    out = Path(config.out_dir).resolve()
+    by = {(r["index"], r["column"]): r["image"] for r in records}
+    images = {c.key: [by[(i, c.key)] for i in range(len(res.prompts))] for c in columns}
+    files = save_images(images, columns, res.prompts, out, config.num_inference_steps)
+    scores = score(images, res.prompts, config, scorer)
+    cols = columns_report(columns, records, config, device)
+    report = build_report(
+        res, config, columns, cols, scores, files, images["base_cfg"][0].shape[:2], device, num_processes
+    )
+    write_report(report, out)
+    return report
+
+
+__all__ = ["CompareConfig", "CompareError", "parse_args", "resolve", "run"]

@@ -1,0 +1,242 @@
+"""The comparison loop's settings (each field's ``help`` is its flag's help) and :func:`resolve`,
+which checks them and decides the base, guidance, prompts and dtype before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..constants import CONFIG_FILE_NAME, DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DTYPE_NAMES, LORA_WEIGHTS_NAME
+from ..options import build_parser as _build_parser
+from ..options import option
+from .prompts import DEFAULT_PROMPTS, read_prompts_file
+
+# --scheduler names -> diffusers classes (imported lazily, after validation).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+TOY_ADHERENCE = "sd_distill.toy.checker:caption_adherence"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CompareError(ValueError):
+    """A problem with the user's input; the CLI prints it as one line, without a traceback."""
+
+
+@dataclass
+class CompareConfig:
+    ft_model: str = option(
+        help="Distilled model: a training output / checkpoint-<step> folder (LoRA) or a fused pipeline folder."
+    )
+    b_model: Optional[str] = option(
+        None,
+        f"Base model; default: the base recorded in the folder's {CONFIG_FILE_NAME}, "
+        f"else {DEFAULT_BASE_MODEL} (only for a fused pipeline: a LoRA needs a known base).",
+    )
+    out_dir: str = option("compare_out", "Where grid.png, the per-image PNGs and report.json/.md go.")
+    guidance_scale: Optional[float] = option(
+        None, f"The base's CFG scale; default: the one recorded by training, else {DEFAULT_GUIDANCE_SCALE}."
+    )
+    ft_guidance_scale: float = option(1.0, "The distilled model's scale; 1.0 = one UNet pass per step.")
+    also_base_without_cfg: bool = option(False, "Add a third column: the base at guidance 1.")
+    prompts: Optional[list[str]] = option(
+        None, "Prompts; default: --prompts_file, else the seed's ten prompts.", nargs="+"
+    )
+    prompts_file: Optional[str] = option(None, "One prompt per line; blank lines and # comments are ignored.")
+    seed: int = option(123450011, "Every image is drawn from a fresh torch.Generator(device).manual_seed(seed).")
+    num_inference_steps: int = option(50, "Sampling steps of every image.")
+    height: Optional[int] = option(None, "Image height; default: the model's native size.")
+    width: Optional[int] = option(None, "Image width; default: the model's native size.")
+    scheduler: Optional[str] = option(
+        None, "Sampler applied to every column; default: keep the model's.", choices=sorted(SCHEDULERS)
+    )
+    dtype: Optional[str] = option(
+        None, "fp16 / bf16 / fp32; default fp16 on CUDA, fp32 on CPU (fp16 on CPU is refused).", choices=DTYPE_NAMES
+    )
+    device: Optional[str] = option(None, "Default: accelerate's device for this process (CUDA when present).")
+    batch_size: int = option(1, "Prompts per pipeline call (one generator per prompt, so images do not depend on it).")
+    fuse_lora: bool = option(
+        True, "Fuse the LoRA into the distilled UNet copy (off: keep peft layers).", negative_alias="--no_fuse_lora"
+    )
+    deepspeed_inference: bool = option(False, "Wrap each UNet with deepspeed.init_inference.")
+    clip_model: Optional[str] = option(
+        None, "A local or cached CLIP model for CLIP scores; none by default (no hub here)."
+    )
+    adherence_scorer: Optional[str] = option(
+        TOY_ADHERENCE,
+        "'module:function' scoring caption adherence per column: f({column: images}, prompts) -> "
+        "{column: score} or None when it does not apply; 'none' turns it off. The default reads the "
+        "toy teacher's synthetic scenes and applies only to their captions.",
+    )
+
+
+@dataclass
+class Resolved:
+    """Everything validated and decided before any model is loaded."""
+
+    ft_path: Path
+    ft_kind: str  # "lora" | "pipeline"
+    base: str
+    base_source: str  # "--b_model" | "recorded" | "default"
+    revision: str | None
+    variant: str | None
+    guidance_scale: float
+    guidance_source: str
+    prompts: list[str]
+    dtype: str
+    device: str | None
+    recorded: dict[str, Any] = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _build_parser(
+        CompareConfig,
+        "Render prompts with the base model (CFG) and the distilled model (one pass "
+        "per step) side by side; write grid.png, per-image PNGs and report.json/.md.",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:
+    return CompareConfig(**vars(build_parser().parse_args(argv)))
+
+
+def _read_recorded(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CompareError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CompareError(f"{path} is not a JSON object")
+    return data
+
+
+def _ft_kind(folder: Path) -> str:
+    if (folder / "model_index.json").is_file():
+        return "pipeline"
+    if (folder / LORA_WEIGHTS_NAME).is_file():
+        return "lora"
+    ckpts = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    hint = f" (it holds {', '.join(ckpts[-3:])}: pass one of them)" if ckpts else ""
+    raise CompareError(
+        f"--ft_model {folder} has neither {LORA_WEIGHTS_NAME} (a LoRA folder) nor model_index.json "
+        f"(a pipeline folder){hint}"
+    )
+
+
+def _check_base(base: str) -> None:
+    if Path(base).exists():
+        if not (Path(base) / "model_index.json").is_file():
+            raise CompareError(f"base model folder {base} has no model_index.json (not a diffusers pipeline)")
+    elif not _HUB_ID.match(base) or base.startswith("."):
+        raise CompareError(f"base model folder not found: {base}")
+
+
+def _base(config: CompareConfig, kind: str, recorded: dict[str, Any], ft: Path) -> tuple[str, str]:
+    recorded_base = recorded.get("pretrained_model_name_or_path")
+    if config.b_model:
+        return config.b_model, "--b_model"
+    if recorded_base:
+        return str(recorded_base), "recorded"
+    if kind == "pipeline":
+        return DEFAULT_BASE_MODEL, "default"
+    raise CompareError(
+        f"the base model of LoRA folder {ft} is unknown: its {CONFIG_FILE_NAME} records no "
+        "pretrained_model_name_or_path; pass --b_model"
+    )
+
+
+def _guidance(config: CompareConfig, recorded: dict[str, Any]) -> tuple[float, str]:
+    if config.guidance_scale is not None:
+        return float(config.guidance_scale), "--guidance_scale"
+    if recorded.get("guidance_scale") is not None:
+        return float(recorded["guidance_scale"]), "recorded"
+    return DEFAULT_GUIDANCE_SCALE, "default"
+
+
+def _prompts(config: CompareConfig) -> list[str]:
+    if config.prompts:
+        prompts = [p for p in config.prompts if p.strip()]
+    elif config.prompts_file:
+        if not Path(config.prompts_file).is_file():
+            raise CompareError(f"--prompts_file not found: {config.prompts_file}")
+        prompts = read_prompts_file(config.prompts_file)
+        if not prompts:
+            raise CompareError(f"--prompts_file {config.prompts_file} is empty (no prompts after blank/# lines)")
+    else:
+        prompts = list(DEFAULT_PROMPTS)
+    if not prompts:
+        raise CompareError("no prompts given")
+    return prompts
+
+
+def _check_sampling(config: CompareConfig) -> None:
+    if config.num_inference_steps < 1:
+        raise CompareError("--num_inference_steps must be >= 1")
+    if config.batch_size < 1:
+        raise CompareError("--batch_size must be >= 1")
+    for name in ("height", "width"):
+        v = getattr(config, name)
+        if v is not None and (v < 8 or v % 8):
+            raise CompareError(f"--{name} must be a positive multiple of 8, got {v}")
+    if config.scheduler is not None and config.scheduler not in SCHEDULERS:
+        raise CompareError(f"unknown --scheduler {config.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+
+
+def _dtype(config: CompareConfig) -> str:
+    import torch  # only now: input errors above are reported without paying for the import
+
+    on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise CompareError(f"--device {config.device} requested but CUDA is not available")
+    dtype = config.dtype or ("fp16" if on_cuda else "fp32")
+    if dtype not in DTYPE_NAMES:
+        raise CompareError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+    if dtype == "fp16" and not on_cuda:
+        raise CompareError("--dtype fp16 is not supported on the CPU; use fp32 (or bf16)")
+    return dtype
+
+
+def resolve(config: CompareConfig) -> Resolved:
+    """Validate the inputs and decide the base, guidance, prompts and dtype; loads no model."""
+    ft = Path(config.ft_model)
+    if not ft.is_dir():
+        raise CompareError(f"--ft_model folder not found: {ft}")
+    kind = _ft_kind(ft)
+    recorded = _read_recorded(ft)
+    base, base_source = _base(config, kind, recorded, ft)
+    _check_base(base)
+    # The recorded revision/variant describe the recorded base only.
+    same_base = base == recorded.get("pretrained_model_name_or_path")
+    guidance, guidance_source = _guidance(config, recorded)
+    prompts = _prompts(config)
+    _check_sampling(config)
+    return Resolved(
+        ft_path=ft,
+        ft_kind=kind,
+        base=base,
+        base_source=base_source,
+        revision=recorded.get("revision") if same_base else None,
+        variant=recorded.get("variant") if same_base else None,
+        guidance_scale=guidance,
+        guidance_source=guidance_source,
+        prompts=prompts,
+        dtype=_dtype(config),
+        device=config.device,
+        recorded=recorded,
+    )

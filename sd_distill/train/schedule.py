@@ -1,0 +1,54 @@
+"""Step arithmetic of a run: how many optimizer steps, and where a resumed run picks up.
+
+A *micro-step* is one batch on every rank; ``accumulation`` of them make an optimizer step. Map-style
+data has epochs of ``batches_per_epoch`` micro-steps; a stream (``batches_per_epoch is None``) has none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    max_steps: int  # optimizer steps of the whole run
+    accumulation: int  # micro-batches per optimizer step
+    batches_per_epoch: int | None  # micro-batches per epoch on each rank; None for a stream
+
+    @classmethod
+    def plan(
+        cls,
+        *,
+        rows: int | None,
+        batch_size: int,
+        num_processes: int,
+        accumulation: int,
+        max_train_steps: int | None,
+        num_train_epochs: int,
+    ) -> Schedule:
+        """The schedule for ``rows`` readable rows (``None``: a stream, which needs ``max_train_steps``)."""
+        batches = None if rows is None else math.ceil(rows / (batch_size * num_processes))
+        # accelerate ends an accumulation window at the end of an epoch too, hence the ceil
+        updates = None if batches is None else math.ceil(batches / accumulation)
+        max_steps = max_train_steps or num_train_epochs * (updates or 1)
+        return cls(max_steps=max_steps, accumulation=accumulation, batches_per_epoch=batches)
+
+    @property
+    def updates_per_epoch(self) -> int | None:
+        return None if self.batches_per_epoch is None else math.ceil(self.batches_per_epoch / self.accumulation)
+
+    def resume_point(self, global_step: int) -> tuple[int, int]:
+        """``(epoch, batches to skip in it)`` where a run that has made ``global_step`` updates goes on."""
+        updates = self.updates_per_epoch
+        if not updates:  # a stream has no epochs: skip what was already consumed
+            return 0, global_step * self.accumulation
+        epoch = global_step // updates
+        return epoch, (global_step - epoch * updates) * self.accumulation
+
+    def micro_step(self, epoch: int, batches_done: int, global_step: int) -> int:
+        """The micro-batch counter an uninterrupted run has reached after ``batches_done`` batches of
+        ``epoch`` (it seeds each micro-batch's noise, so a resumed run draws the same)."""
+        if self.batches_per_epoch:
+            return epoch * self.batches_per_epoch + batches_done
+        return global_step * self.accumulation
