@@ -12,6 +12,10 @@ STATE_FILE_NAME = "training_state.json"
 SUMMARY_FILE_NAME = "train_summary.json"
 MODEL_CARD_NAME = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
+# A guidance-conditioned student's time_embedding.cond_proj, beside the LoRA (stock LoRA loading
+# rejects non-LoRA keys, so it cannot live in the LoRA file).
+GUIDANCE_PROJ_WEIGHTS_NAME = "guidance_cond_proj.safetensors"
+GUIDANCE_PROJ_KEY = "time_embedding.cond_proj.weight"
 
 # Tabular data files `datasets` reads, by suffix -> its builder name.
 DATA_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}

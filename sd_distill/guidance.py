@@ -7,6 +7,8 @@ new math).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +47,32 @@ def teacher_cfg_prediction(
     )[0]
     uncond, cond = out.float().chunk(2)  # each [B, C, h, w]
     return cfg_target(uncond, cond, w)
+
+
+@dataclass(frozen=True)
+class GuidanceScales:
+    """The guidance scale(s) a run distils: one ``w`` (``low == high``), or ``w`` drawn per sample from
+    ``[low, high]``, uniformly or uniformly in ``log w``."""
+
+    low: float
+    high: float
+    sampling: str = "uniform"  # "uniform" | "log"
+
+    @property
+    def fixed(self) -> bool:
+        return self.low == self.high
+
+    def draw(self, batch: int, generator: torch.Generator, device: torch.device | str) -> float | torch.Tensor:
+        """``w`` for a batch: the float itself when fixed (drawing nothing, so a fixed-w run's random
+        stream is unchanged), else ``[B]`` float32."""
+        if self.fixed:
+            return self.low
+        u = torch.rand(batch, generator=generator, device=generator.device)
+        if self.sampling == "log":
+            w = torch.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        else:
+            w = self.low + u * (self.high - self.low)
+        return w.to(device)
 
 
 def sample_timesteps(

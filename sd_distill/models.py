@@ -20,6 +20,10 @@ class Components:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: Any
+    # True while the VAE and text encoder wait in CPU memory (everything cached, validation still
+    # needs them). Recorded where it happens: a module's device ("cuda:0") and accelerate's
+    # ("cuda") compare unequal on one GPU, so it can never be inferred from devices.
+    encoders_parked: bool = False
 
     @property
     def prediction_type(self) -> str:

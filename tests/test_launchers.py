@@ -108,6 +108,8 @@ def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp
         "none",
         "--default_prompt",
         "",
+        "--max_grad_norm",
+        "0.5",
     ]
     proc = subprocess.run(
         [
@@ -128,4 +130,67 @@ def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 2
-    assert (out / "checkpoint-2" / "pytorch_model").is_dir()
+    # What DeepSpeed really used (its checkpoint records it): the flags, not accelerate's constants.
+    used = deepspeed_checkpoint_record(out / "checkpoint-2")
+    assert used["ds_config"]["gradient_accumulation_steps"] == 2 and used["ds_config"]["gradient_clipping"] == 0.5
+    assert used["global_samples"] == 2 * 2 * 1 * 2  # steps x accumulation x batch x processes
+
+
+def deepspeed_checkpoint_record(checkpoint: Path) -> dict:
+    import torch
+
+    (states,) = (checkpoint / "pytorch_model").glob("mp_rank_00_model_states.pt")
+    return torch.load(states, weights_only=False, map_location="cpu")
+
+
+def test_shipped_deepspeed_yamls_leave_accumulation_and_clipping_to_the_flags() -> None:
+    for path in CONFIGS:
+        ds = yaml.safe_load(path.read_text()).get("deepspeed_config") or {}
+        assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds, path.name
+
+
+def test_a_yaml_accumulation_that_contradicts_the_flag_stops_before_loading(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    text = (ROOT / "accelerate_configs" / "cpu_2proc_zero2.yaml").read_text()
+    config = tmp_path / "ga1.yaml"
+    config.write_text(text.replace("  zero_stage: 2\n", "  zero_stage: 2\n  gradient_accumulation_steps: 1\n"))
+    data = write_image_folder(tmp_path / "data", n=4)
+    args = [
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--gradient_accumulation_steps",
+        "2",
+        "--report_to",
+        "none",
+    ]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            "0",
+            str(ROOT / "train_sd_distil_lora.py"),
+            *args,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0, proc.stderr[-3000:]  # the launcher reports a child's exit 2 as 1
+    assert (
+        "--gradient_accumulation_steps 2" in proc.stderr
+        and "deepspeed_config.gradient_accumulation_steps says 1" in proc.stderr
+    )
+    # one message from rank 0 (the launcher adds its own traceback when a child fails)
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == ["error: invalid arguments:"]
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()

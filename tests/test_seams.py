@@ -80,6 +80,8 @@ def test_a_new_target_is_what_the_student_learns(tiny_model_dir: Path, tmp_path:
         "8",
         "--checkpointing_steps",
         "1000",
+        "--logging_steps",
+        "1",
         steps=40,
     )
     stats, _ = run_training(argv, edit)

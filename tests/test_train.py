@@ -94,6 +94,8 @@ def test_training_reduces_the_distillation_loss(tiny_model_dir: Path, tmp_path: 
         "8",
         "--checkpointing_steps",
         "1000",
+        "--logging_steps",
+        "1",
         steps=80,
     )
     stats, _ = _run_capturing(argv)

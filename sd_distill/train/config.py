@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..constants import DATA_SUFFIXES, DEFAULT_BASE_MODEL
+from ..guidance import GuidanceScales
 from ..lora import DEFAULT_TARGET_MODULES
 from ..options import build_parser as _build_parser
 from ..options import option as _opt
@@ -38,7 +39,24 @@ class TrainConfig:
     overwrite_output_dir: bool = _opt(False, "Allow writing into an output_dir that already holds a finished run.")
     seed: Optional[int] = _opt(42, "Seed for noise, timesteps, data order and augmentation (reproducible runs).")
     # --- distillation ------------------------------------------------------------------------
-    guidance_scale: float = _opt(7.5, "Teacher CFG scale w distilled into the student: target = u + w(c - u).")
+    guidance_scale: float = _opt(
+        7.5,
+        "Teacher CFG scale w distilled into the student: target = u + w(c - u). With --guidance_scale_range, "
+        "the scale validation images and the model card show.",
+    )
+    guidance_scale_range: Optional[list[float]] = _opt(
+        None,
+        "W_MIN W_MAX: one LoRA for every scale in the range. w is drawn per sample and the student is told it "
+        "through the UNet's time_cond_proj_dim (as stock StableDiffusionPipeline passes guidance_scale), so it "
+        "samples any guidance_scale in one pass per step. Without it: a fixed-w student at --guidance_scale.",
+        nargs=2,
+    )
+    guidance_scale_sampling: str = _opt(
+        "uniform",
+        "How w is drawn in --guidance_scale_range: uniform in w, or uniform in log w.",
+        choices=("uniform", "log"),
+    )
+    guidance_embedding_dim: int = _opt(256, "Size of the guidance-scale embedding (time_cond_proj_dim; LCM uses 256).")
     teacher: str = _opt(
         "shared",
         "'shared': the teacher is the same UNet with the adapter disabled (one copy of the weights); "
@@ -93,7 +111,11 @@ class TrainConfig:
     cache_dir: Optional[str] = _opt(None, "Where caches are stored (default: <output_dir>/cache).")
     # --- optimisation ------------------------------------------------------------------------
     train_batch_size: int = _opt(1, "Batch size per device.")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.")
+    gradient_accumulation_steps: Optional[int] = _opt(
+        None,
+        "Micro-batches accumulated per optimizer step. Default: the accelerate config's "
+        "deepspeed_config.gradient_accumulation_steps if it sets one, else 1; when both are given they must agree.",
+    )
     max_train_steps: Optional[int] = _opt(None, "Total optimizer steps; overrides --num_train_epochs when given.")
     num_train_epochs: int = _opt(1, "Epochs, used when --max_train_steps is not given.")
     learning_rate: float = _opt(1e-4, "Peak learning rate of the LoRA parameters.")
@@ -108,7 +130,11 @@ class TrainConfig:
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    max_grad_norm: Optional[float] = _opt(
+        None,
+        "Gradient clipping norm (0: no clipping). Default: the accelerate config's deepspeed_config.gradient_clipping "
+        "if it sets one, else 1.0; when both are given they must agree.",
+    )
     mixed_precision: Optional[str] = _opt(
         None, "'no', 'fp16' or 'bf16'; defaults to the accelerate config.", choices=("no", "fp16", "bf16")
     )
@@ -116,6 +142,12 @@ class TrainConfig:
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs (faster).")
     dataloader_num_workers: int = _opt(0, "Data loading worker processes (0: load in the main process).")
     max_consecutive_nonfinite: int = _opt(5, "Stop when this many steps in a row have a non-finite loss.")
+    logging_steps: int = _opt(
+        10,
+        "Every N optimizer steps the ranks agree on the logged loss, skipped steps and a requested stop (one small "
+        "all-reduce; between them no step waits for the GPU). Checkpoint steps agree too.",
+    )
+    ddp_timeout: int = _opt(1800, "Seconds a collective may wait (process group timeout), e.g. while caching.")
     # --- checkpoints -------------------------------------------------------------------------
     checkpointing_steps: int = _opt(500, "Write a checkpoint-<step> folder every N optimizer steps.")
     checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most this many checkpoints (oldest removed first).")
@@ -135,6 +167,16 @@ class TrainConfig:
     tracker_project_name: str = _opt("sd-distill", "Project name in the tracker.")
 
     # -----------------------------------------------------------------------------------------
+    @property
+    def guidance_scales(self) -> GuidanceScales:
+        low, high = self.guidance_scale_range or (self.guidance_scale, self.guidance_scale)
+        return GuidanceScales(float(low), float(high), self.guidance_scale_sampling)
+
+    @property
+    def conditioned_on_guidance(self) -> bool:
+        """A student told w (one LoRA for every scale), rather than one fixed w."""
+        return self.guidance_scale_range is not None
+
     @property
     def prompts_for_validation(self) -> list[str]:
         return list(self.validation_prompts) or ([self.default_prompt] if self.default_prompt else [])
@@ -190,9 +232,16 @@ def _check_values(c: TrainConfig, need: Need) -> None:
     )
     need(c.train_batch_size >= 1, f"--train_batch_size {c.train_batch_size} must be at least 1.")
     need(
-        c.gradient_accumulation_steps >= 1,
+        c.gradient_accumulation_steps is None or c.gradient_accumulation_steps >= 1,
         f"--gradient_accumulation_steps {c.gradient_accumulation_steps} must be at least 1.",
     )
+    need(c.max_grad_norm is None or c.max_grad_norm >= 0, f"--max_grad_norm {c.max_grad_norm} must be 0 (off) or more.")
+    need(
+        c.max_consecutive_nonfinite >= 1,
+        f"--max_consecutive_nonfinite {c.max_consecutive_nonfinite} must be at least 1.",
+    )
+    need(c.logging_steps >= 1, f"--logging_steps {c.logging_steps} must be at least 1.")
+    need(c.ddp_timeout >= 1, f"--ddp_timeout {c.ddp_timeout} must be at least 1 second.")
     need(
         c.max_train_steps is None or c.max_train_steps >= 1,
         f"--max_train_steps {c.max_train_steps} must be at least 1.",
@@ -207,6 +256,11 @@ def _check_values(c: TrainConfig, need: Need) -> None:
         c.guidance_scale >= 1,
         f"--guidance_scale {c.guidance_scale} below 1 is not classifier-free guidance; the seed and SD use 7.5.",
     )
+    if c.guidance_scale_range is not None:
+        low, high = c.guidance_scale_range
+        need(1 <= low < high, f"--guidance_scale_range {low:g} {high:g} must satisfy 1 <= W_MIN < W_MAX (e.g. 2 12).")
+        need(False, "--guidance_scale_range: saving the guidance projection is not wired in yet (work in progress).")
+    need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")
     need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
     need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")
     need(c.validation_steps >= 1, f"--validation_steps {c.validation_steps} must be at least 1.")

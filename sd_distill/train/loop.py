@@ -1,5 +1,5 @@
-"""The training loop: micro-steps, the decisions every rank takes together, and what happens at
-each optimizer step (logging, checkpoints, validation)."""
+"""The training loop: micro-steps without host syncs, and what happens after an optimizer step
+(agreement and logging every ``--logging_steps``, checkpoints, validation)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .agreement import StepWindow, agree
 from .checkpoint import save_checkpoint
 from .step import distill_step, step_generator
 from .validation import run_validation
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from .recipe import Training
 
 logger = logging.getLogger(__name__)
-NUM_LOSS_BUCKETS = 4  # loss is also logged per quarter of the timestep range
 
 
 class TrainingError(RuntimeError):
@@ -38,48 +38,8 @@ class Stats:
     steps_per_second: float = 0.0
     seconds: float = 0.0
     interrupted: bool = False
-    losses: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Agreement:
-    """What every rank decides alike about one micro-step (from one all-reduce)."""
-
-    nonfinite: bool  # some rank's loss is NaN/inf: nobody updates
-    stop: bool  # some rank was asked to stop: all checkpoint and stop
-    mean_loss: float  # the loss averaged over ranks
-
-
-def agree(accelerator: Any, loss: torch.Tensor, stop_requested: bool) -> Agreement:
-    flags = torch.tensor(
-        [float(not torch.isfinite(loss)), float(stop_requested), loss.detach().float().item()],
-        device=accelerator.device,
-    )
-    flags = accelerator.reduce(flags, reduction="sum")
-    return Agreement(bool(flags[0] > 0), bool(flags[1] > 0), flags[2].item() / accelerator.num_processes)
-
-
-class LossWindow:
-    """Losses since the last optimizer step, overall and per quarter of the timestep range."""
-
-    def __init__(self, num_train_timesteps: int) -> None:
-        self.num_train_timesteps = num_train_timesteps
-        self.sums, self.counts = torch.zeros(NUM_LOSS_BUCKETS), torch.zeros(NUM_LOSS_BUCKETS)
-        self.losses: list[float] = []
-
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor, mean_loss: float) -> None:
-        buckets = (t * NUM_LOSS_BUCKETS // self.num_train_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
-        self.sums.index_add_(0, buckets, per_sample)
-        self.counts.index_add_(0, buckets, torch.ones_like(per_sample))
-        self.losses.append(mean_loss)
-
-    def bucket_logs(self) -> dict[str, float]:
-        return {
-            f"loss_t{i}": (self.sums[i] / self.counts[i]).item() for i in range(NUM_LOSS_BUCKETS) if self.counts[i] > 0
-        }
-
-    def clear(self) -> None:
-        self.sums.zero_(), self.counts.zero_(), self.losses.clear()
+    peak_gpu_memory_gb: float | None = None  # torch.cuda.max_memory_allocated on this rank's GPU
+    losses: list[float] = field(default_factory=list)  # the agreed loss of each logging window
 
 
 class InterruptFlag:
@@ -109,10 +69,9 @@ class _Progress:
     """The loop's running state."""
 
     stats: Stats
-    window: LossWindow
+    window: StepWindow
     stop: InterruptFlag
     bar: Any
-    consecutive_nonfinite: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
 
 
@@ -130,16 +89,12 @@ def train_loop(tr: Training) -> Stats:
         desc="distilling",
         disable=not tr.accelerator.is_local_main_process,
     )
-    run = _Progress(
-        stats,
-        LossWindow(tr.components.noise_scheduler.config.num_train_timesteps),
-        InterruptFlag(config.save_on_interrupt),
-        bar,
-    )
+    window = StepWindow(tr.components.noise_scheduler.config.num_train_timesteps, tr.accelerator.device)
+    run = _Progress(stats, window, InterruptFlag(config.save_on_interrupt), bar)
     start_time = time.perf_counter()
     tr.student.train()
     epoch, skip = schedule.resume_point(tr.start_step)
-    while stats.global_step < schedule.max_steps and not run.stop.requested:
+    while stats.global_step < schedule.max_steps and not stats.interrupted:
         # Not named set_epoch: accelerate's loader calls set_epoch(times iterated), which
         # differs from the epoch after a resume (the resumed epoch runs in a skipping loader).
         for holder in (tr.sampler, tr.dataset):
@@ -155,71 +110,88 @@ def train_loop(tr: Training) -> Stats:
             if not tr.accelerator.sync_gradients:
                 continue
             stats.global_step += 1
+            bar.update(1)
             _after_update(tr, run)
-            if stats.global_step >= schedule.max_steps or run.stop.requested:
+            if stats.global_step >= schedule.max_steps or stats.interrupted:
                 break
         epoch += 1
     bar.close()
     stats.seconds = time.perf_counter() - start_time
     stats.steps_per_second = (stats.global_step - tr.start_step) / stats.seconds if stats.seconds > 0 else 0.0
-    stats.interrupted = run.stop.requested
+    if tr.accelerator.device.type == "cuda":
+        stats.peak_gpu_memory_gb = torch.cuda.max_memory_allocated(tr.accelerator.device) / 1e9
     run.stop.restore()
     return stats
 
 
 def _micro_step(tr: Training, run: _Progress, batch: dict[str, Any], micro_step: int) -> None:
+    """Forward, backward and (at the end of an accumulation window) the update, with no host sync.
+
+    A non-finite loss is not tested on the host before the backward: its NaN gradients make the
+    update skip on the device (fused AdamW's ``found_inf``, or GradScaler / DeepSpeed, which skip
+    non-finite gradients themselves), and the window counts it for the next agreement.
+    """
     acc = tr.accelerator
     with acc.accumulate(tr.student):
         gen = step_generator(tr.seed, micro_step, acc.process_index, acc.device)
         per_sample, t = distill_step(batch, tr.student, tr.teacher, tr.source, tr.target, tr.loss, gen)
-        loss = per_sample.mean()
-        agreed = agree(acc, loss, run.stop.requested)
-        if agreed.nonfinite:
-            _skip_nonfinite(tr, run)
-        else:
-            run.consecutive_nonfinite = 0
-            acc.backward(loss)
-            if acc.sync_gradients and not tr.is_deepspeed:  # DeepSpeed clips inside its own step
-                acc.clip_grad_norm_(tr.lora_params, tr.config.max_grad_norm)
-            tr.optimizer.step()
-            tr.lr_scheduler.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-            run.window.add(per_sample.detach().float().cpu(), t.cpu(), agreed.mean_loss)
-        if agreed.stop:
-            run.stop.requested = True
+        run.window.add(per_sample, t)
+        acc.backward(per_sample.mean())
+        if acc.sync_gradients:
+            run.window.end_update(_guard_update(tr, run.window.step_bad))
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+        tr.optimizer.zero_grad(set_to_none=True)
 
 
-def _skip_nonfinite(tr: Training, run: _Progress) -> None:
-    run.stats.skipped_nonfinite += 1
-    run.consecutive_nonfinite += 1
-    logger.warning("non-finite loss at step %d; skipping this batch (no update)", run.stats.global_step)
-    if run.consecutive_nonfinite >= tr.config.max_consecutive_nonfinite:
-        raise TrainingError(
-            f"the loss was non-finite (NaN/inf) for {run.consecutive_nonfinite} steps in a row. With fp16 this is "
-            "usually overflow: try --mixed_precision bf16 (or no), a lower --learning_rate, or --max_grad_norm 1.0."
-        )
-    tr.optimizer.zero_grad(set_to_none=True)
+def _guard_update(tr: Training, loss_bad: torch.Tensor) -> torch.Tensor:
+    """Clip, and mark the coming update for skipping when anything was non-finite; returns the
+    device flag of a skipped update."""
+    if tr.is_deepspeed:  # DeepSpeed clips and skips non-finite gradients inside its own step
+        return loss_bad
+    max_norm = tr.config.max_grad_norm or float("inf")  # 0: no clipping, but the norm is still checked
+    norm = tr.accelerator.clip_grad_norm_(tr.trainable_params, max_norm)
+    bad = loss_bad | ~torch.isfinite(torch.as_tensor(norm, device=loss_bad.device))
+    if tr.accelerator.scaler is None:  # GradScaler (fp16) sets found_inf itself
+        tr.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on the device
+    return bad
 
 
 def _after_update(tr: Training, run: _Progress) -> None:
-    """Log the optimizer step just taken; checkpoint and validate when due."""
+    """After an optimizer step: agree, log, checkpoint and validate when due."""
     stats, config, step = run.stats, tr.config, run.stats.global_step
-    run.bar.update(1)
-    if run.window.losses:
-        stats.final_loss = sum(run.window.losses) / len(run.window.losses)
-        stats.losses.append(stats.final_loss)
-    now = time.perf_counter()
-    logs = {
-        "loss": stats.final_loss,
-        "lr": tr.lr_scheduler.get_last_lr()[0],
-        "step_time": now - run.last_log_time,
-        **run.window.bucket_logs(),
-    }
-    run.last_log_time = now
-    run.window.clear()
-    tr.accelerator.log(logs, step=step)
-    run.bar.set_postfix(loss=f"{stats.final_loss:.4g}")
-    if step % config.checkpointing_steps == 0 or run.stop.requested:
+    checkpoint_due = step % config.checkpointing_steps == 0
+    if step % config.logging_steps == 0 or checkpoint_due or step >= tr.schedule.max_steps:
+        _agree_and_log(tr, run)
+    if checkpoint_due or stats.interrupted:
         save_checkpoint(tr.accelerator, tr.model, config, step, protect=tr.resume_from)
     if config.prompts_for_validation and step % config.validation_steps == 0:
         run_validation(tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, step, tr.weight_dtype)
+
+
+def _agree_and_log(tr: Training, run: _Progress) -> None:
+    """The agreement point: every rank learns the same loss, skips and stop request."""
+    stats, step, steps = run.stats, run.stats.global_step, run.window.steps
+    agreed = agree(tr.accelerator, run.window, run.stop.requested)
+    stats.skipped_nonfinite, stats.interrupted = agreed.skipped, agreed.stop
+    if agreed.consecutive >= tr.config.max_consecutive_nonfinite:
+        raise TrainingError(
+            f"the loss was non-finite (NaN/inf) for at least {tr.config.max_consecutive_nonfinite} steps in a row "
+            f"(up to step {step}). With fp16 this is usually overflow: try --mixed_precision bf16 (or no), "
+            "a lower --learning_rate, or a smaller --max_grad_norm."
+        )
+    if agreed.skipped:
+        logger.warning("%d update(s) skipped so far: non-finite loss or gradients", agreed.skipped)
+    if agreed.loss == agreed.loss:  # not NaN: some micro-batch since the last agreement was finite
+        stats.final_loss = agreed.loss
+        stats.losses.append(agreed.loss)
+    now = time.perf_counter()
+    logs = {
+        "loss": agreed.loss,
+        "lr": tr.lr_scheduler.get_last_lr()[0],
+        "step_time": (now - run.last_log_time) / max(1, steps),
+        **agreed.bucket_losses,
+    }
+    run.last_log_time = now
+    tr.accelerator.log(logs, step=step)
+    run.bar.set_postfix(loss=f"{stats.final_loss:.4g}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..conditioning import add_guidance_conditioning, guidance_projection
 from ..constants import CONFIG_FILE_NAME
 from ..lora import adapter_disabled, attach_lora
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
@@ -31,13 +32,15 @@ from .distributed import (
     make_accelerator,
     register_lora_only_state_hooks,
     setup_logging,
+    warn_about_zero3,
 )
+from .launch import apply_to_deepspeed, check_prepared, resolve_launch
 from .loop import Stats, train_loop
 from .outputs import clear_previous_run, output_dir_errors, save_final, write_summary
 from .schedule import Schedule
 from .states import NoisedImages, StateSource
 from .step import Loss, make_loss
-from .targets import GuidedTarget, Target, Teacher
+from .targets import GuidanceConditionedTarget, GuidedTarget, Target, Teacher
 from .validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class Training:
     model: Any  # the peft-carrying UNet inside it: adapter toggles, saving
     teacher: Teacher
     separate_teacher: torch.nn.Module | None
-    lora_params: list[torch.nn.Parameter]
+    trainable_params: list[torch.nn.Parameter]  # the LoRA (and a w-conditioned student's cond_proj)
     optimizer: Any
     lr_scheduler: Any
     dataset: Any
@@ -90,7 +93,7 @@ def setup(config: TrainConfig) -> Training:
     """Check the inputs, read the data, load the models and build everything a run needs."""
     from accelerate.utils import set_seed
 
-    accelerator, resume_from = _preflight(config)
+    config, accelerator, resume_from = _preflight(config)
     seed = config.seed if config.seed is not None else 0
     set_seed(seed)
     # data first: bad data should fail before minutes of model loading
@@ -102,7 +105,7 @@ def setup(config: TrainConfig) -> Training:
             clear_previous_run(Path(config.output_dir))
 
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    components, lora_params, separate_teacher = _setup_models(config, accelerator, weight_dtype)
+    components, trainable_params, separate_teacher = _setup_models(config, accelerator, weight_dtype)
     uncond_emb = encode_prompts(components.tokenizer, components.text_encoder, [""])  # [1, 77, D], once
     dataset = _setup_dataset(config, data, components, accelerator)
     sampler = None if config.streaming else EpochShuffleSampler(len(dataset), seed)
@@ -123,10 +126,11 @@ def setup(config: TrainConfig) -> Training:
         max_train_steps=config.max_train_steps,
         num_train_epochs=config.num_train_epochs,
     )
-    optimizer, lr_scheduler = _setup_optimizer(config, lora_params, schedule, accelerator.num_processes)
+    optimizer, lr_scheduler = _setup_optimizer(config, trainable_params, schedule, accelerator)
     student, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         components.unet, optimizer, dataloader, lr_scheduler
     )
+    check_prepared(accelerator, student, config)
     model = accelerator.unwrap_model(student)
     start_step = _restore(accelerator, model, resume_from)
     if accelerator.is_main_process:
@@ -140,7 +144,7 @@ def setup(config: TrainConfig) -> Training:
         model=model,
         teacher=_teacher(student, model, separate_teacher),
         separate_teacher=separate_teacher,
-        lora_params=lora_params,
+        trainable_params=trainable_params,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataset=dataset,
@@ -161,22 +165,28 @@ def build_objective(
 ) -> dict[str, Any]:
     """The run's ``source`` of states, ``target`` and ``loss``: the one place the objective is chosen."""
     return {
-        "source": NoisedImages(components, uncond_emb, config.guidance_scale, config.caption_dropout, weight_dtype),
-        "target": GuidedTarget(uncond_emb),
+        "source": NoisedImages(components, uncond_emb, config.guidance_scales, config.caption_dropout, weight_dtype),
+        "target": GuidanceConditionedTarget(uncond_emb, config.guidance_embedding_dim)
+        if config.conditioned_on_guidance
+        else GuidedTarget(uncond_emb),
         "loss": make_loss(config.loss, config.huber_c, config.snr_gamma, components.noise_scheduler),
     }
 
 
-def _preflight(config: TrainConfig) -> tuple[Any, Path | None]:
-    """Every input check that needs no model or data, reported together in one ConfigError."""
+def _preflight(config: TrainConfig) -> tuple[TrainConfig, Any, Path | None]:
+    """Every input check that needs no model or data, reported together in one ConfigError; returns
+    the config with the launch's settings resolved, the accelerator and the checkpoint to resume."""
     errors = config_errors(config)
+    config, launch_errors = resolve_launch(config)
+    errors += launch_errors
     try:
         accelerator = make_accelerator(config)
     except ValueError:
         raise_if_any(errors)  # a bad flag the accelerator tripped over: say what the user can fix
         raise
     setup_logging(accelerator)
-    errors += accelerator_errors(accelerator)
+    apply_to_deepspeed(accelerator, config)
+    errors += accelerator_errors(accelerator, config)
     resume_from = None
     try:
         resume_from = resolve_resume(config)
@@ -184,7 +194,8 @@ def _preflight(config: TrainConfig) -> tuple[Any, Path | None]:
         errors.append(str(err))
     errors += output_dir_errors(config, resuming=resume_from is not None)
     raise_if_any(errors)
-    return accelerator, resume_from
+    warn_about_zero3(accelerator, config.teacher)
+    return config, accelerator, resume_from
 
 
 def _setup_models(
@@ -199,10 +210,16 @@ def _setup_models(
     # DeepSpeed casts the engine's module itself; elsewhere the frozen base goes to half precision
     # and only the LoRA weights stay in float32 (the optimizer needs full-precision master weights).
     place(components.unet, accelerator.device, torch.float32 if is_deepspeed(accelerator) else weight_dtype)
-    lora_params = attach_lora(
+    if config.conditioned_on_guidance:  # before the LoRA freezes the UNet and before DeepSpeed sees it
+        add_guidance_conditioning(components.unet, config.guidance_embedding_dim)
+    trainable_params = attach_lora(
         components.unet, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
-    for p in lora_params:
+    projection = guidance_projection(components.unet)
+    if projection is not None:  # trains with the LoRA (and is saved beside it)
+        projection.requires_grad_(True)
+        trainable_params.append(projection.weight)
+    for p in trainable_params:
         p.data = p.data.float()
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
@@ -210,7 +227,7 @@ def _setup_models(
     if config.teacher == "separate":
         separate_teacher = load_frozen_unet(config.pretrained_model_name_or_path, config.revision, config.variant)
         place(separate_teacher, accelerator.device, weight_dtype)
-    return components, lora_params, separate_teacher
+    return components, trainable_params, separate_teacher
 
 
 def _setup_dataset(config: TrainConfig, data: TrainData, components: Components, accelerator: Any) -> Any:
@@ -240,15 +257,17 @@ def _release_encoders(components: Components, keep: bool) -> None:
         gc.collect()
     elif torch.cuda.is_available():
         components.vae.to("cpu"), components.text_encoder.to("cpu")
+        components.encoders_parked = True
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def _setup_optimizer(
-    config: TrainConfig, params: list[torch.nn.Parameter], schedule: Schedule, num_processes: int
+    config: TrainConfig, params: list[torch.nn.Parameter], schedule: Schedule, accelerator: Any
 ) -> tuple[Any, Any]:
     from diffusers.optimization import get_scheduler
 
+    num_processes = accelerator.num_processes
     lr = config.learning_rate
     if config.scale_lr:
         lr *= config.train_batch_size * config.gradient_accumulation_steps * num_processes
@@ -258,6 +277,9 @@ def _setup_optimizer(
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
+        # fused: an update with non-finite gradients is skipped on the device (found_inf), no host
+        # sync; DeepSpeed steps its own optimizer wrapper and skips them itself
+        fused=not is_deepspeed(accelerator),
     )
     # the prepared scheduler steps once per process per optimizer step, hence the multiplication
     lr_scheduler = get_scheduler(

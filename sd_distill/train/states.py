@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..guidance import sample_timesteps
+from ..guidance import GuidanceScales, sample_timesteps
 from ..models import Components, encode_images, encode_prompts
 
 
@@ -37,19 +37,20 @@ class NoisedImages:
 
     Latents and text embeddings come from the cache when the batch has them, else the VAE and the
     text encoder run here. Every random draw uses ``generator``, in a fixed order (VAE sample, caption
-    dropout, noise, timesteps), so a resumed run draws exactly what an uninterrupted one would.
+    dropout, noise, timesteps, guidance scales), so a resumed run draws exactly what an uninterrupted
+    one would.
     """
 
     def __init__(
         self,
         components: Components,
         uncond_emb: torch.Tensor,
-        guidance_scale: float,
+        scales: GuidanceScales,
         caption_dropout: float,
         weight_dtype: torch.dtype,
     ) -> None:
         self.components, self.uncond_emb = components, uncond_emb
-        self.guidance_scale, self.caption_dropout, self.weight_dtype = guidance_scale, caption_dropout, weight_dtype
+        self.scales, self.caption_dropout, self.weight_dtype = scales, caption_dropout, weight_dtype
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> TrainingStates:
         c, device = self.components, self.uncond_emb.device
@@ -68,4 +69,5 @@ class NoisedImages:
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
         t = sample_timesteps(bsz, c.noise_scheduler.config.num_train_timesteps, generator, device)
         x_t = c.noise_scheduler.add_noise(latents, noise, t).to(self.weight_dtype)  # [B, 4, h, w]
-        return TrainingStates(x_t=x_t, t=t, cond=cond.to(self.weight_dtype), w=self.guidance_scale)
+        w = self.scales.draw(bsz, generator, device)
+        return TrainingStates(x_t=x_t, t=t, cond=cond.to(self.weight_dtype), w=w)

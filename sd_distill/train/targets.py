@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..conditioning import student_timestep_cond
 from ..guidance import teacher_cfg_prediction
 from .states import TrainingStates
 
@@ -43,3 +44,16 @@ class GuidedTarget:
 
     def student_inputs(self, states: TrainingStates) -> dict[str, Any]:
         return {}  # the fixed-w student is told nothing: it is the conditional UNet plus the LoRA
+
+
+class GuidanceConditionedTarget(GuidedTarget):
+    """The same guided target at a ``w`` per sample, and the student is told ``w``: the embedding of
+    ``w - 1`` as ``timestep_cond``, what stock ``StableDiffusionPipeline`` passes for ``guidance_scale=w``
+    once the UNet has ``time_cond_proj_dim``. The teacher pass gets no ``timestep_cond``."""
+
+    def __init__(self, uncond_emb: torch.Tensor, embedding_dim: int) -> None:
+        super().__init__(uncond_emb)
+        self.embedding_dim = embedding_dim
+
+    def student_inputs(self, states: TrainingStates) -> dict[str, Any]:
+        return {"timestep_cond": student_timestep_cond(states.w, self.embedding_dim, states.x_t)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,61 +30,85 @@ def run_validation(
 ) -> None:
     """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
     (ZeRO-3 gathers parameters collectively), the main process writes the images."""
-    import numpy as np
+    with encoders_on(components, accelerator.device):
+        images = _render(accelerator, model, separate_teacher, components, config, weight_dtype)
+    if accelerator.is_main_process:
+        _write(accelerator, images, config, step)
+    accelerator.wait_for_everyone()
+
+
+@contextmanager
+def encoders_on(components: Components, device: torch.device) -> Iterator[None]:
+    """The VAE and text encoder on ``device`` inside; parked in CPU memory again afterwards if they
+    were parked (``components.encoders_parked``), and left where they are otherwise."""
+    parked = components.encoders_parked
+    if parked:
+        components.vae.to(device), components.text_encoder.to(device)
+    try:
+        yield
+    finally:
+        if parked:
+            components.vae.to("cpu"), components.text_encoder.to("cpu")
+
+
+def _pipeline(components: Components, unet: Any) -> Any:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    def pipe_with(unet: Any) -> Any:
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    parked = components.vae.device != accelerator.device  # offloaded after caching (GPU runs)
-    if parked:
-        components.vae.to(accelerator.device), components.text_encoder.to(accelerator.device)
+
+def _render(
+    accelerator: Any,
+    model: Any,
+    separate_teacher: Any,
+    components: Components,
+    config: TrainConfig,
+    weight_dtype: torch.dtype,
+) -> dict[str, list[Any]]:
     model.eval()
-    pipe = pipe_with(model)
-    teacher_pipe = pipe_with(separate_teacher) if separate_teacher is not None else None
+    pipe = _pipeline(components, model)
+    teacher_pipe = _pipeline(components, separate_teacher) if separate_teacher is not None else None
     images: dict[str, list[Any]] = {"student": [], "teacher": []}
     seed = config.seed if config.seed is not None else 0
     kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
+    w = config.guidance_scale
     for prompt in config.prompts_for_validation:
         with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             gen = torch.Generator(accelerator.device).manual_seed(seed)
             images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
             gen = torch.Generator(accelerator.device).manual_seed(seed)
             if teacher_pipe is not None:
-                images["teacher"].append(
-                    teacher_pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0]
-                )
+                images["teacher"].append(teacher_pipe(prompt, guidance_scale=w, generator=gen, **kw).images[0])
             else:
                 with adapter_disabled(model):
-                    images["teacher"].append(
-                        pipe(prompt, guidance_scale=config.guidance_scale, generator=gen, **kw).images[0]
-                    )
+                    images["teacher"].append(pipe(prompt, guidance_scale=w, generator=gen, **kw).images[0])
     model.train()
-    if parked:
-        components.vae.to("cpu"), components.text_encoder.to("cpu")
-    if accelerator.is_main_process:
-        folder = Path(config.output_dir) / "validation" / f"step-{step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(config.prompts_for_validation):
-            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
-            images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
-        (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                for side, imgs in images.items():
-                    tracker.writer.add_images(
-                        f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC"
-                    )
-        logger.info("validation images for step %d in %s", step, folder)
-    accelerator.wait_for_everyone()
+    return images
+
+
+def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int) -> None:
+    import numpy as np
+
+    folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(config.prompts_for_validation)):
+        images["student"][i].save(folder / f"{i:02d}-student-w1.png")
+        images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
+    (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for side, imgs in images.items():
+                stacked = np.stack([np.asarray(im) for im in imgs])
+                tracker.writer.add_images(f"validation/{side}", stacked, step, dataformats="NHWC")
+    logger.info("validation images for step %d in %s", step, folder)

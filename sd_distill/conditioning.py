@@ -1,0 +1,102 @@
+"""A student told the guidance scale: the UNet's own ``time_cond_proj_dim`` mechanism.
+
+Stock ``StableDiffusionPipeline`` skips CFG when ``unet.config.time_cond_proj_dim`` is set and passes
+``timestep_cond = get_guidance_scale_embedding(guidance_scale - 1, D)`` instead, one UNet call per
+step. A student trained with that embedding of ``w - 1`` (and the teacher's ``u + w (c - u)``) is
+therefore sampled at any ``guidance_scale`` by stock diffusers once ``cond_proj`` is in place.
+
+``cond_proj`` is a plain ``Linear(D, C)`` inside ``time_embedding`` (not a LoRA layer: peft's adapter
+switch does not touch it, and the teacher pass simply gets no ``timestep_cond``). It starts at zero,
+so the untrained student equals the teacher, and is saved beside the LoRA in its own file, since
+stock ``load_lora_weights`` rejects non-LoRA keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+DEFAULT_GUIDANCE_EMBEDDING_DIM = 256  # what diffusers' LCM scripts and released LCM UNets use
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[B, dim]`` float32; equals ``StableDiffusionPipeline.get_guidance_scale_embedding(w, dim)``.
+
+    Always computed in float32 (sin/cos of arguments up to ~1e4 lose everything in half precision);
+    callers cast the result. Feed it ``guidance_scale - 1``, as the pipeline does.
+    """
+    w = w.float().reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=w.device) * -(torch.log(torch.tensor(10000.0)) / (half - 1))
+    )
+    angles = w[:, None] * freqs[None, :]
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
+
+
+def student_timestep_cond(w: float | torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``timestep_cond`` a student gets at guidance scale(s) ``w`` for the batch ``like`` ``[B, ...]``."""
+    scales = torch.as_tensor(w, dtype=torch.float32, device=like.device).reshape(-1).expand(like.shape[0])
+    return guidance_embedding(scales - 1, dim).to(like.dtype)
+
+
+def guidance_projection(unet: torch.nn.Module) -> torch.nn.Linear | None:
+    return getattr(unet.time_embedding, "cond_proj", None)
+
+
+def add_guidance_conditioning(unet: Any, dim: int = DEFAULT_GUIDANCE_EMBEDDING_DIM) -> torch.nn.Linear:
+    """Give ``unet`` a zero ``cond_proj`` of input size ``dim`` and record it in its config (a UNet that
+    has one of that size keeps it). Call before the LoRA is attached and before ``accelerator.prepare``."""
+    existing = guidance_projection(unet)
+    if existing is not None:
+        if existing.in_features != dim:
+            raise ValueError(f"the UNet already takes a {existing.in_features}-dim timestep_cond, not {dim}")
+        return existing
+    ref = unet.time_embedding.linear_1.weight
+    proj = torch.nn.Linear(dim, unet.time_embedding.linear_1.in_features, bias=False)
+    proj = proj.to(device=ref.device, dtype=ref.dtype)
+    torch.nn.init.zeros_(proj.weight)
+    unet.time_embedding.cond_proj = proj
+    unet.register_to_config(time_cond_proj_dim=dim)
+    return proj
+
+
+def save_guidance_projection(weight: torch.Tensor, folder: str | Path) -> Path:
+    """Write ``cond_proj``'s weight ``[C, D]`` (float32) next to the LoRA, atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(folder) / GUIDANCE_PROJ_WEIGHTS_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tensor = weight.detach().to("cpu", torch.float32).contiguous()
+    save_file({GUIDANCE_PROJ_KEY: tensor}, str(tmp), metadata={"time_cond_proj_dim": str(tensor.shape[1])})
+    os.replace(tmp, path)
+    return path
+
+
+def load_guidance_projection(unet: Any, folder: str | Path) -> bool:
+    """Add ``cond_proj`` to ``unet`` from ``folder`` if the folder has one; returns whether it had."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / GUIDANCE_PROJ_WEIGHTS_NAME
+    if not path.is_file():
+        return False
+    weight = load_file(str(path))[GUIDANCE_PROJ_KEY]
+    proj = add_guidance_conditioning(unet, weight.shape[1])
+    with torch.no_grad():
+        proj.weight.copy_(weight.to(proj.weight))
+    return True
+
+
+def load_student(pipe: Any, folder: str | Path, adapter_name: str | None = None) -> Any:
+    """Load an sd-distill student into a stock pipeline: ``cond_proj`` (w-conditioned students), then the
+    LoRA. Afterwards ``pipe(prompt, guidance_scale=g)`` makes one UNet call per step at any ``g`` for a
+    w-conditioned student; a fixed-w student is loaded the same way and sampled at ``guidance_scale=1``."""
+    load_guidance_projection(pipe.unet, folder)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
+    return pipe

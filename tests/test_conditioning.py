@@ -1,0 +1,117 @@
+"""The guidance-conditioned student's mechanism: the UNet's own time_cond_proj_dim, as stock
+StableDiffusionPipeline drives it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_distill.conditioning import (
+    add_guidance_conditioning,
+    guidance_embedding,
+    guidance_projection,
+    load_student,
+    save_guidance_projection,
+    student_timestep_cond,
+)
+from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DIM = 32
+
+
+def _pipe(model: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 16, generator=g)
+
+
+def test_the_embedding_is_the_pipelines() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.rand(16) * 14
+    expected = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=DIM)
+    assert torch.equal(guidance_embedding(w, DIM), expected)
+
+
+def test_training_conditions_on_what_the_stock_pipeline_passes_at_each_scale(tiny_model_dir: Path) -> None:
+    pipe = _pipe(tiny_model_dir)
+    add_guidance_conditioning(pipe.unet, DIM)
+    seen: list[torch.Tensor] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep_cond"]), with_kwargs=True)
+    for g in (2.0, 7.5):
+        seen.clear()
+        pipe("a red circle", num_inference_steps=2, guidance_scale=g, output_type="latent")
+        like = torch.zeros(1, 4, 16, 16)
+        assert len(seen) == 2  # one UNet call per step: no CFG batch
+        assert torch.equal(seen[0], student_timestep_cond(g, DIM, like))
+
+
+def test_a_zero_initialised_student_equals_the_teacher_with_timestep_cond_given(tiny_model_dir: Path) -> None:
+    unet = _pipe(tiny_model_dir).unet
+    x, t, emb = _inputs()
+    with torch.no_grad():
+        before = unet(x, t, emb).sample
+        add_guidance_conditioning(unet, DIM)
+        attach_lora(unet, rank=4)
+        after = unet(x, t, emb, timestep_cond=student_timestep_cond(torch.tensor([2.0, 9.0]), DIM, x)).sample
+    assert torch.equal(before, after)
+    assert unet.config.time_cond_proj_dim == DIM
+
+
+def _trained_student(model: Path, folder: Path):
+    """A student with a perturbed LoRA and cond_proj, saved as training saves it."""
+    unet = _pipe(model).unet
+    proj = add_guidance_conditioning(unet, DIM)
+    params = attach_lora(unet, rank=4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in [*params, proj.weight]:
+            p.add_(torch.randn_like(p) * 0.2)
+    save_lora(lora_state_dict(unet), folder)
+    save_guidance_projection(proj.weight, folder)
+    return unet
+
+
+def test_load_student_gives_the_trained_unets_output(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trained = _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = load_student(_pipe(tiny_model_dir), tmp_path / "student")
+    x, t, emb = _inputs()
+    cond = student_timestep_cond(4.0, DIM, x)
+    with torch.no_grad():
+        expected = trained(x, t, emb, timestep_cond=cond).sample
+        got = pipe.unet(x, t, emb, timestep_cond=cond).sample
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert guidance_projection(pipe.unet) is not None
+
+
+def test_a_fused_student_samples_any_scale_in_one_pass_in_stock_diffusers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = load_student(_pipe(tiny_model_dir), tmp_path / "student")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "fused")
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")  # no sd-distill code from here on
+    stock.set_progress_bar_config(disable=True)
+    calls: list[int] = []
+    stock.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+
+    def image(g: float) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return torch.from_numpy(stock("a red circle", num_inference_steps=3, guidance_scale=g, generator=gen,
+                                      output_type="np").images[0])
+
+    low, high, again = image(2.0), image(10.0), image(2.0)
+    assert calls == [1] * 3 * 3  # 3 images x 3 steps, each one UNet call of batch 1
+    assert (low - high).abs().max() > 1e-3 and torch.equal(low, again)  # the scale reaches the student
