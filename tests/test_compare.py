@@ -210,25 +210,6 @@ def test_fused_pipeline_folder(main_run, tiny_model_dir: Path, tiny_lora_dir: Pa
     assert np.abs(got - _img(out1 / report1["images"][0]["files"]["distilled"])).max() <= TOL
 
 
-def test_deepspeed_inference_wraps_unets_and_keeps_images(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
-    report, out = main_run
-    ds = run(
-        CompareConfig(
-            ft_model=str(tiny_lora_dir),
-            out_dir=str(tmp_path),
-            prompts=PROMPTS[:1],
-            seed=SEED,
-            num_inference_steps=STEPS,
-            deepspeed_inference=True,
-        )
-    )
-    assert ds["deepspeed_inference"] is True
-    assert {c["key"]: c["unet_evals_per_image"] for c in ds["columns"]} == {"base_cfg": 2 * STEPS, "distilled": STEPS}
-    for column in ("base_cfg", "distilled"):
-        new, old = _files(ds, tmp_path, column)[0], _files(report, out, column)[0]
-        assert np.abs(_img(new) - _img(old)).max() <= TOL
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -338,3 +319,10 @@ def test_synthetic_captions_get_an_adherence_score_per_column(tiny_lora_dir: Pat
 def test_ordinary_prompts_get_no_adherence_score(main_run: tuple[dict, Path]) -> None:
     report, _ = main_run
     assert report["adherence"] is None
+
+
+def test_deepspeed_inference_is_gone() -> None:
+    from sd_distill.eval.config import parse_args
+
+    with pytest.raises(SystemExit):  # argparse: unrecognised argument
+        parse_args(["--ft_model", "x", "--deepspeed_inference"])

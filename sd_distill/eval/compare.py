@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig, CompareError, parse_args, resolve
-from .pipelines import UNetCounter, load_pipelines, wrap_deepspeed
+from .pipelines import UNetCounter, load_pipelines
 from .render import Column, sample
 from .report import build_report, columns_report, save_images, write_report
 from .scores import load_scorer, score
@@ -44,9 +44,6 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
     state, device = _process_state(config)
     base, distilled = load_pipelines(res, config, device)
-    if config.deepspeed_inference:
-        wrap_deepspeed(base, res.dtype)
-        wrap_deepspeed(distilled, res.dtype)
     base_counter, distilled_counter = UNetCounter(base.unet), UNetCounter(distilled.unet)
     columns = [
         Column("base_cfg", "base (CFG)", base, res.guidance_scale, base_counter),

@@ -71,7 +71,6 @@ class CompareConfig:
     fuse_lora: bool = option(
         True, "Fuse the LoRA into the distilled UNet copy (off: keep peft layers).", negative_alias="--no_fuse_lora"
     )
-    deepspeed_inference: bool = option(False, "Wrap each UNet with deepspeed.init_inference.")
     clip_model: Optional[str] = option(
         None, "A local or cached CLIP model for CLIP scores; none by default (no hub here)."
     )

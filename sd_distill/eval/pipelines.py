@@ -77,39 +77,3 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     base.to(device)
     distilled.to(device)
     return base, distilled
-
-
-def _engine_unet(engine: Any) -> Any:
-    """Make a DeepSpeed InferenceEngine look like the UNet to the pipeline: calls go through
-    the engine, attributes (config, dtype, device, ...) come from the wrapped UNet."""
-    import torch
-
-    class EngineUNet(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.engine = engine
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return self.engine(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self._modules["engine"].module, name)
-
-    return EngineUNet()
-
-
-def wrap_deepspeed(pipe: Any, dtype: str) -> None:
-    """Route ``pipe``'s UNet through ``deepspeed.init_inference``; clear error when it fails."""
-    try:
-        import deepspeed
-
-        engine = deepspeed.init_inference(pipe.unet, dtype=torch_dtype(dtype), replace_with_kernel_inject=False)
-    except Exception as exc:
-        raise CompareError(
-            f"--deepspeed_inference failed ({type(exc).__name__}: {exc}); run without --deepspeed_inference"
-        ) from None
-    # Bypass DiffusionPipeline.__setattr__ (it would re-register the wrapper in the config).
-    object.__setattr__(pipe, "unet", _engine_unet(engine))

@@ -106,7 +106,6 @@ def build_report(
         "width": w,
         "batch_size": config.batch_size,
         "num_processes": num_processes,
-        "deepspeed_inference": config.deepspeed_inference,
         "columns": cols,
         "speed_ratio_distilled_over_base": secs["base_cfg"] / secs["distilled"],
         "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
