@@ -216,8 +216,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
-    report, out = main_run
+def _two_processes(*args: str) -> subprocess.CompletedProcess:
+    """The comparison CLI under ``accelerate launch`` with 2 processes on the CPU."""
     # `accelerate launch --cpu` spawns one process unless MPI is set up; --multi_gpu launches
     # 2 torchrun workers, and with no CUDA the loop's PartialState(cpu=True) uses gloo on the CPU.
     cmd = [
@@ -235,6 +235,16 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
         "--main_process_port",
         str(_free_port()),
         str(CLI),
+        *args,
+    ]
+    if not Path(cmd[0]).exists():
+        cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    report, out = main_run
+    proc = _two_processes(
         "--ft_model",
         str(tiny_lora_dir),
         "--out_dir",
@@ -246,10 +256,7 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
         "--also_base_without_cfg",
         "--prompts",
         *PROMPTS,
-    ]
-    if not Path(cmd[0]).exists():
-        cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "report.json").read_text())
     assert two["num_processes"] == 2
@@ -326,3 +333,24 @@ def test_deepspeed_inference_is_gone() -> None:
 
     with pytest.raises(SystemExit):  # argparse: unrecognised argument
         parse_args(["--ft_model", "x", "--deepspeed_inference"])
+
+
+def test_a_lora_of_another_base_is_one_line_printed_once(
+    tiny_model_dir: Path, wide_model_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(wide_model_dir, subfolder="unet")
+    attach_lora(unet, rank=4)
+    lora = save_lora(lora_state_dict(unet), tmp_path / "wide-lora").parent
+    (lora / "sd_distill_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(wide_model_dir)}))
+    proc = _two_processes(
+        "--ft_model", str(lora), "--b_model", str(tiny_model_dir), "--out_dir", str(tmp_path / "o"), "--prompts", "a"
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors  # one line, from rank 0 only (torchrun adds its own failure summary)
+    assert "does not fit base" in errors[0] and f"--b_model {wide_model_dir}" in errors[0]
+    assert "size mismatch" not in proc.stderr and len(errors[0]) < 400
