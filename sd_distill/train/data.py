@@ -42,16 +42,49 @@ def load_table(config: TrainConfig) -> Any:
     except ConfigError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the message, not a stack
-        if (
-            isinstance(err, StopIteration)
-            or "empty" in str(err).lower()
-            or "at least one data file" in str(err).lower()
-        ):
+        cause = root_cause(err)
+        text = f"{err} {cause}".lower()
+        if isinstance(err, StopIteration) or "empty" in text or "at least one data file" in text:
             raise ConfigError(f"the dataset is empty: {source!r} has no rows (or no images).") from err
+        not_utf8 = isinstance(cause, UnicodeDecodeError) or "utf8" in str(cause).lower().replace("-", "")
+        where = _bad_utf8_line(source) if not_utf8 else None  # arrow's message names neither file nor line
         raise ConfigError(
-            f"could not read the dataset {source!r}: {type(err).__name__}: {err}. Give a hub id, a folder of images "
+            f"could not read the dataset {source!r}: {where or _one_line(cause)}. Give a hub id, a folder of images "
             "with metadata.jsonl/.csv, or .parquet/.arrow/.jsonl/.csv files."
         ) from err
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s chain: datasets wraps the message that names the row or
+    file in a generic "An error occurred while generating the dataset"."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if str(inner).strip():
+            err = inner
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:600]}"
+
+
+def _bad_utf8_line(source: str | None) -> str | None:
+    """``file line N: byte 0x.. is not UTF-8`` for the first text data file of ``source`` that is not UTF-8."""
+    root = Path(os.path.expanduser(source or ""))
+    files = [root] if root.is_file() else sorted(root.rglob("metadata.*")) if root.is_dir() else []
+    files += [Path(p) for p in glob.glob(os.path.expanduser(source or "")) if Path(p) not in files]
+    for path in files:
+        if path.suffix not in (".jsonl", ".json", ".csv") or not path.is_file():
+            continue
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return f"{path} line {number}: byte {line[bad.start]:#04x} is not UTF-8 (save the file as UTF-8)"
+    return None
 
 
 def _load_table(config: TrainConfig) -> Any:
