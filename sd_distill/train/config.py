@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,12 +174,66 @@ def config_errors(config: TrainConfig) -> list[str]:
         if not ok:
             errors.append(message)
 
+    _check_finite(config, need)
     _check_values(config, need)
+    _check_optimiser(config, need)
     _check_sources(config, need)
+    _check_outputs(config, need)
     return errors
 
 
 Need = Callable[[bool, str], None]  # need(ok, message): records message unless ok
+
+
+def _check_finite(c: TrainConfig, need: Need) -> None:
+    """NaN or inf in a float flag would pass a range check written as ``not x < 0``."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            need(False, f"--{f.name} {value} is not a finite number.")
+
+
+def _check_optimiser(c: TrainConfig, need: Need) -> None:
+    """AdamW, clipping, warm-up and the seed: what torch or numpy would reject only mid-setup."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(c, name)
+        need(0 <= value < 1, f"--{name} {value} must be in [0, 1) (AdamW's decay rates; 0.9 and 0.999 are usual).")
+    # zero epsilon divides 0 by 0 for LoRA's A weights, whose gradients start at zero (B starts at zero)
+    need(c.adam_epsilon > 0, f"--adam_epsilon {c.adam_epsilon} must be positive (1e-8 is usual).")
+    need(c.adam_weight_decay >= 0, f"--adam_weight_decay {c.adam_weight_decay} must be 0 or more.")
+    need(c.max_grad_norm > 0, f"--max_grad_norm {c.max_grad_norm} must be positive (1.0 is usual).")
+    need(c.lr_warmup_steps >= 0, f"--lr_warmup_steps {c.lr_warmup_steps} must be 0 or more.")
+    need(c.huber_c > 0, f"--huber_c {c.huber_c} must be positive.")
+    need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora_alpha {c.lora_alpha} must be positive.")
+    need(
+        c.max_consecutive_nonfinite >= 1,
+        f"--max_consecutive_nonfinite {c.max_consecutive_nonfinite} must be at least 1.",
+    )
+    need(
+        c.num_validation_inference_steps >= 1,
+        f"--num_validation_inference_steps {c.num_validation_inference_steps} must be at least 1.",
+    )
+    need(
+        c.seed is None or 0 <= c.seed < 2**32,
+        f"--seed {c.seed} must be in [0, 2**32) (numpy's seed range; the data order and crops use it too).",
+    )
+
+
+def _check_outputs(c: TrainConfig, need: Need) -> None:
+    """Folders the run writes into: found to be files only at the first save otherwise."""
+    for flag, value in (("--output_dir", c.output_dir), ("--cache_dir", c.cache_dir)):
+        if value is not None:
+            need(not Path(value).exists() or Path(value).is_dir(), f"{flag} {value!r} is a file, not a folder.")
+    if c.export_fused_pipeline is not None:
+        export = Path(c.export_fused_pipeline)
+        need(
+            not export.exists() or export.is_dir(),
+            f"--export_fused_pipeline {str(export)!r} is a file, not a folder.",
+        )
+        need(
+            export.resolve() != Path(c.output_dir).resolve(),
+            "--export_fused_pipeline must be another folder than --output_dir (the LoRA folder).",
+        )
 
 
 def _check_values(c: TrainConfig, need: Need) -> None:

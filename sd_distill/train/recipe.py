@@ -192,6 +192,7 @@ def _setup_models(
 ) -> tuple[Components, list[torch.nn.Parameter], torch.nn.Module | None]:
     """The frozen components in place, the student's LoRA attached (fp32), the separate teacher if any."""
     components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
+    raise_if_any(lora_target_errors(components.unet, config.lora_target_modules))  # before peft's own error
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     place(components.vae, accelerator.device, weight_dtype)
@@ -211,6 +212,25 @@ def _setup_models(
         separate_teacher = load_frozen_unet(config.pretrained_model_name_or_path, config.revision, config.variant)
         place(separate_teacher, accelerator.device, weight_dtype)
     return components, lora_params, separate_teacher
+
+
+def lora_target_errors(unet: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Each ``--lora_target_modules`` name that matches no module, as peft matches them (the whole
+    name or its last dotted parts), with names that do exist."""
+    names = [name for name, _ in unet.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    suffixes: dict[str, None] = {}  # ordered set: the UNet's own order
+    for name, module in unet.named_modules():
+        if isinstance(module, layers):
+            parts = name.split(".")
+            suffixes[".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]] = None
+    return [
+        f"--lora_target_modules {' '.join(missing)}: no UNet module has that name; its layers are named "
+        f"e.g. {', '.join(list(suffixes)[:10])}."
+    ]
 
 
 def _setup_dataset(config: TrainConfig, data: TrainData, components: Components, accelerator: Any) -> Any:
