@@ -99,7 +99,8 @@ def test_streaming_skips_bad_rows_as_it_goes(tmp_path: Path) -> None:
     rows = {"image": [_png(0), b"garbage", _png(2)], "text": ["a", "b", "c"]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "s.parquet"))
     data = build_train_data(
-        _config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1), show_progress=False
+        _config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1, max_bad_fraction=0.5),
+        show_progress=False,
     )
     items = list(data.dataset)
     assert [i["caption"] for i in items] == ["a", "c"]

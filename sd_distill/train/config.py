@@ -115,7 +115,11 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory, slower).")
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs (faster).")
-    dataloader_num_workers: int = _opt(0, "Data loading worker processes (0: load in the main process).")
+    dataloader_num_workers: Optional[int] = _opt(
+        None,
+        "Data loading worker processes (0: load on the training thread). Default: 0 when latents are cached "
+        "(rows are tensors already), else min(4, CPUs / processes on this machine), at most one per stream shard.",
+    )
     max_consecutive_nonfinite: int = _opt(5, "Stop when this many steps in a row have a non-finite loss.")
     # --- checkpoints -------------------------------------------------------------------------
     checkpointing_steps: int = _opt(500, "Write a checkpoint-<step> folder every N optimizer steps.")
@@ -273,7 +277,10 @@ def _check_values(c: TrainConfig, need: Need) -> None:
         c.max_train_samples is None or c.max_train_samples >= 1,
         f"--max_train_samples {c.max_train_samples} must be at least 1.",
     )
-    need(c.dataloader_num_workers >= 0, f"--dataloader_num_workers {c.dataloader_num_workers} must be 0 or more.")
+    need(
+        c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
+        f"--dataloader_num_workers {c.dataloader_num_workers} must be 0 or more.",
+    )
     need(
         c.report_to in ("tensorboard", "wandb", "all", "none"),
         f"--report_to {c.report_to!r}: choose tensorboard, wandb, all or none.",

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import save_checkpoint
+from .epochs import epoch_batches
+from .loader import BAD_ROW_WINDOW, BadRowWindow
 from .step import distill_step, step_generator
 from .validation import run_validation
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 NUM_LOSS_BUCKETS = 4  # loss is also logged per quarter of the timestep range
+VANISHED = " (files deleted or changed during the run?)"
 
 
 class TrainingError(RuntimeError):
@@ -48,15 +51,25 @@ class Agreement:
     nonfinite: bool  # some rank's loss is NaN/inf: nobody updates
     stop: bool  # some rank was asked to stop: all checkpoint and stop
     mean_loss: float  # the loss averaged over ranks
+    rows: int = 0  # rows read for this micro-batch on all ranks, unreadable ones included
+    bad_rows: int = 0  # of them unreadable (skipped): every rank counts, and judges, the same
 
 
-def agree(accelerator: Any, loss: torch.Tensor, stop_requested: bool) -> Agreement:
+def agree(accelerator: Any, loss: torch.Tensor, stop_requested: bool, batch: dict[str, Any] | None = None) -> Agreement:
+    bad = float(batch.get("bad_rows", 0)) if batch else 0.0
+    rows = float(len(batch["caption"])) + bad if batch else 0.0
     flags = torch.tensor(
-        [float(not torch.isfinite(loss)), float(stop_requested), loss.detach().float().item()],
+        [float(not torch.isfinite(loss)), float(stop_requested), loss.detach().float().item(), rows, bad],
         device=accelerator.device,
     )
     flags = accelerator.reduce(flags, reduction="sum")
-    return Agreement(bool(flags[0] > 0), bool(flags[1] > 0), flags[2].item() / accelerator.num_processes)
+    return Agreement(
+        bool(flags[0] > 0),
+        bool(flags[1] > 0),
+        flags[2].item() / accelerator.num_processes,
+        int(flags[3].item()),
+        int(flags[4].item()),
+    )
 
 
 class LossWindow:
@@ -112,6 +125,7 @@ class _Progress:
     window: LossWindow
     stop: InterruptFlag
     bar: Any
+    bad_rows: BadRowWindow | None = None  # map-style: files that vanish mid-run (a stream judges itself)
     consecutive_nonfinite: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
 
@@ -135,30 +149,21 @@ def train_loop(tr: Training) -> Stats:
         LossWindow(tr.components.noise_scheduler.config.num_train_timesteps),
         InterruptFlag(config.save_on_interrupt),
         bar,
+        None
+        if tr.sampler is None
+        else BadRowWindow(config.max_bad_fraction, min(BAD_ROW_WINDOW, len(tr.sampler)), VANISHED),
     )
     start_time = time.perf_counter()
     tr.student.train()
-    epoch, skip = schedule.resume_point(tr.start_step)
+    batches = epoch_batches(tr.accelerator, tr.dataloader, (tr.sampler, tr.dataset), schedule, tr.start_step)
     while stats.global_step < schedule.max_steps and not run.stop.requested:
-        # Not named set_epoch: accelerate's loader calls set_epoch(times iterated), which
-        # differs from the epoch after a resume (the resumed epoch runs in a skipping loader).
-        for holder in (tr.sampler, tr.dataset):
-            if hasattr(holder, "select_epoch"):
-                holder.select_epoch(epoch)
-        loader = tr.accelerator.skip_first_batches(tr.dataloader, skip) if skip else tr.dataloader
-        micro_step = schedule.micro_step(epoch, skip, stats.global_step)
-        skip = 0
-        for batch in loader:
-            micro_step += 1
-            stats.skipped_rows += int(batch.get("bad_rows", 0))
-            _micro_step(tr, run, batch, micro_step)
-            if not tr.accelerator.sync_gradients:
-                continue
-            stats.global_step += 1
-            _after_update(tr, run)
-            if stats.global_step >= schedule.max_steps or run.stop.requested:
-                break
-        epoch += 1
+        micro_step, batch = next(batches)
+        _micro_step(tr, run, batch, micro_step)
+        if not tr.accelerator.sync_gradients:
+            continue
+        stats.global_step += 1
+        _after_update(tr, run)
+    batches.close()
     bar.close()
     stats.seconds = time.perf_counter() - start_time
     stats.steps_per_second = (stats.global_step - tr.start_step) / stats.seconds if stats.seconds > 0 else 0.0
@@ -173,7 +178,10 @@ def _micro_step(tr: Training, run: _Progress, batch: dict[str, Any], micro_step:
         gen = step_generator(tr.seed, micro_step, acc.process_index, acc.device)
         per_sample, t = distill_step(batch, tr.student, tr.teacher, tr.source, tr.target, tr.loss, gen)
         loss = per_sample.mean()
-        agreed = agree(acc, loss, run.stop.requested)
+        agreed = agree(acc, loss, run.stop.requested, batch)
+        run.stats.skipped_rows += agreed.bad_rows
+        if run.bad_rows is not None:
+            run.bad_rows.add(agreed.rows, agreed.bad_rows)
         if agreed.nonfinite:
             _skip_nonfinite(tr, run)
         else:
