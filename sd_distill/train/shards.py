@@ -31,7 +31,13 @@ def my_chunks(n: int, accelerator: Any) -> list[range]:
 
 
 def _world(accelerator: Any) -> tuple[int, int]:
-    return (1, 0) if accelerator is None else (accelerator.num_processes, accelerator.process_index)
+    """``(ranks, this rank)`` as the collectives see them. accelerate can report several processes
+    with no process group (``--multi_gpu`` without CUDA): then each works alone, on every row."""
+    from accelerate.utils import DistributedType
+
+    if accelerator is None or accelerator.distributed_type == DistributedType.NO:
+        return 1, 0
+    return accelerator.num_processes, accelerator.process_index
 
 
 def gather(accelerator: Any, mine: Any) -> list[Any]:
