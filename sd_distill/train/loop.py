@@ -156,15 +156,17 @@ def train_loop(tr: Training) -> Stats:
     start_time = time.perf_counter()
     tr.student.train()
     batches = epoch_batches(tr.accelerator, tr.dataloader, (tr.sampler, tr.dataset), schedule, tr.start_step)
-    while stats.global_step < schedule.max_steps and not run.stop.requested:
-        micro_step, batch = next(batches)
-        _micro_step(tr, run, batch, micro_step)
-        if not tr.accelerator.sync_gradients:
-            continue
-        stats.global_step += 1
-        _after_update(tr, run)
-    batches.close()
-    bar.close()
+    try:
+        while stats.global_step < schedule.max_steps and not run.stop.requested:
+            micro_step, batch = next(batches)
+            _micro_step(tr, run, batch, micro_step)
+            if not tr.accelerator.sync_gradients:
+                continue
+            stats.global_step += 1
+            _after_update(tr, run)
+    finally:  # an error message then starts on a line of its own, not after the progress bar
+        batches.close()
+        bar.close()
     stats.seconds = time.perf_counter() - start_time
     stats.steps_per_second = (stats.global_step - tr.start_step) / stats.seconds if stats.seconds > 0 else 0.0
     stats.interrupted = run.stop.requested
