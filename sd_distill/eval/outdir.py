@@ -92,9 +92,9 @@ def claim(out: Path, planned: list[str]) -> None:
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` next to ``path``, then rename: an old file is replaced only by a complete new one.
     A full disk is one CompareError naming the file and the free space."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:

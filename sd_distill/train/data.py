@@ -46,7 +46,8 @@ def load_table(config: TrainConfig) -> Any:
     except Exception as err:  # datasets raises many types; the user needs the message, not a stack
         cause = root_cause(err)
         text = f"{err} {cause}".lower()
-        if isinstance(err, StopIteration) or "empty" in text or "at least one data file" in text:
+        empty = ("empty", "at least one data file", "corresponds to no data")
+        if isinstance(err, StopIteration) or any(words in text for words in empty):
             raise ConfigError(f"the dataset is empty: {source!r} has no rows (or no images).") from err
         not_utf8 = isinstance(cause, UnicodeDecodeError) or "utf8" in str(cause).lower().replace("-", "")
         where = _bad_utf8_line(source) if not_utf8 else None  # arrow's message names neither file nor line

@@ -41,8 +41,8 @@ def epoch_batches(
             yield schedule.micro_step(epoch, seen), batch
         if seen == 0:  # every rank reads the same rows, so every rank stops here
             raise BadDataError(
-                "a whole pass over the data gave no batch: no image could be decoded; check --image_column "
-                "and the files."
+                "a whole pass over the data gave no batch: it has no rows, or none whose image can be decoded; "
+                "check --image_column and the files."
             )
         if schedule.batches_per_epoch is None:  # a stream, read through for the first time
             schedule = schedule.with_epoch_length(seen)
