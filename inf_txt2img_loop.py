@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(config)
     except CompareError as exc:  # user input problems: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        if main_rank:  # every rank fails alike; say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     if main_rank:
         print(f"grid: {os.path.join(config.out_dir, report['grid'])}")

@@ -15,17 +15,20 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from sd_distill.train import ConfigError, TrainingError, parse_args, run
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # every rank ends alike; say it once
     try:
         config = parse_args(argv)
         stats = run(config)
     except (ConfigError, TrainingError) as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; say it once
+        if main_rank:
             print(f"error: {err}", file=sys.stderr)
         return 2
     if stats.interrupted:
-        print(f"interrupted at step {stats.global_step}; checkpoint saved in {config.output_dir}")
+        if main_rank:
+            print(f"interrupted at step {stats.global_step}; checkpoint saved in {config.output_dir}")
         return 130
-    print(f"done: {stats.global_step} steps, final loss {stats.final_loss:.4g}, LoRA in {config.output_dir}")
+    if main_rank:
+        print(f"done: {stats.global_step} steps, final loss {stats.final_loss:.4g}, LoRA in {config.output_dir}")
     return 0
 
 

@@ -63,17 +63,30 @@ def _zero3_init_disabled() -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def load_components(model: str, revision: str | None = None, variant: str | None = None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the DDPM training scheduler of ``model``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_vae(model: str, revision: str | None = None, variant: str | None = None) -> torch.nn.Module:
+    """The frozen VAE alone: seconds to load, so latents can be cached (and bad images found)
+    before the minutes the UNet and text encoder take."""
+    from diffusers import AutoencoderKL
+
+    with _zero3_init_disabled():
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=variant, revision=revision)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def load_components(
+    model: str, revision: str | None = None, variant: str | None = None, vae: torch.nn.Module | None = None
+) -> Components:
+    """Load tokenizer, text encoder, VAE (unless given), UNet and the DDPM training scheduler of ``model``."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     kw = {"revision": revision}
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
+    vae = vae if vae is not None else load_vae(model, revision, variant)
     with _zero3_init_disabled():
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=variant, **kw)
     for frozen in (text_encoder, vae):
         frozen.requires_grad_(False)
@@ -107,8 +120,11 @@ def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[
 
 
 @torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled VAE latents ``[B, 4, H/8, W/8]`` of ``pixels`` in [-1, 1]."""
+def encode_images(
+    vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Scaled VAE latents ``[B, 4, H/8, W/8]`` of ``pixels`` in [-1, 1]; one generator per image makes
+    each latent independent of the batch it was encoded in."""
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(pixels).latent_dist.sample(generator=generator)
     return latents * vae.config.scaling_factor

@@ -174,3 +174,52 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
     assert proc.returncode != 0
     assert "ZeRO stage 4" in proc.stderr and "stages 0, 1, 2 and 3" in proc.stderr
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--adam_beta1", "2"], "--adam_beta1 2.0 must be in [0, 1)"),
+        (["--adam_beta2", "-0.1"], "--adam_beta2 -0.1 must be in [0, 1)"),
+        (["--adam_epsilon=-1e-8"], "--adam_epsilon -1e-08 must be positive"),
+        (["--adam_weight_decay", "-0.01"], "--adam_weight_decay -0.01 must be 0 or more"),
+        (["--seed", "-1"], "--seed -1 must be in [0, 2**32)"),
+        (["--num_validation_inference_steps", "0"], "--num_validation_inference_steps 0 must be at least 1"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm -1.0 must be 0 (off) or more"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1 must be 0 or more"),
+        (["--huber_c", "0"], "--huber_c 0.0 must be positive"),
+        (["--lora_alpha", "-4"], "--lora_alpha -4.0 must be positive"),
+        (["--max_consecutive_nonfinite", "0"], "--max_consecutive_nonfinite 0 must be at least 1"),
+        (["--learning_rate", "inf"], "--learning_rate inf is not a finite number"),
+        (["--guidance_scale", "nan"], "--guidance_scale nan is not a finite number"),
+    ],
+)
+def test_every_numeric_flag_has_a_range(tmp_path: Path, data: Path, flags: list[str], words: str) -> None:
+    from sd_distill.train.checks import config_errors
+    from sd_distill.train.config import parse_args
+
+    errors = config_errors(parse_args(train_args(tmp_path, data, tmp_path / "out") + flags))
+    assert any(words in e for e in errors), errors
+
+
+def test_output_folders_that_are_files(tmp_path: Path, data: Path) -> None:
+    from sd_distill.train.checks import config_errors
+    from sd_distill.train.config import parse_args
+
+    (tmp_path / "a-file").write_text("x")
+    for flag in ("--cache_dir", "--export_fused_pipeline"):
+        errors = config_errors(parse_args(train_args(tmp_path, data, tmp_path / "out", flag, str(tmp_path / "a-file"))))
+        assert any(f"{flag} {str(tmp_path / 'a-file')!r} is a file" in e for e in errors), errors
+    errors = config_errors(parse_args(train_args(tmp_path, data, tmp_path / "a-file")))
+    assert any("--output_dir" in e and "is a file" in e for e in errors), errors
+    same = train_args(tmp_path, data, tmp_path / "out", "--export_fused_pipeline", str(tmp_path / "out"))
+    assert any("another folder than --output_dir" in e for e in config_errors(parse_args(same)))
+
+
+def test_lora_target_modules_that_match_nothing(
+    tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = train_args(tiny_model_dir, data, tmp_path / "out", "--lora_target_modules", "to_q", "to_qq", "attn9")
+    code, err = _main(argv, capsys)
+    assert code == 2 and "--lora_target_modules to_qq attn9: no UNet module has that name" in err
+    assert "e.g. " in err and "to_k" in err and "Traceback" not in err

@@ -210,33 +210,14 @@ def test_fused_pipeline_folder(main_run, tiny_model_dir: Path, tiny_lora_dir: Pa
     assert np.abs(got - _img(out1 / report1["images"][0]["files"]["distilled"])).max() <= TOL
 
 
-def test_deepspeed_inference_wraps_unets_and_keeps_images(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
-    report, out = main_run
-    ds = run(
-        CompareConfig(
-            ft_model=str(tiny_lora_dir),
-            out_dir=str(tmp_path),
-            prompts=PROMPTS[:1],
-            seed=SEED,
-            num_inference_steps=STEPS,
-            deepspeed_inference=True,
-        )
-    )
-    assert ds["deepspeed_inference"] is True
-    assert {c["key"]: c["unet_evals_per_image"] for c in ds["columns"]} == {"base_cfg": 2 * STEPS, "distilled": STEPS}
-    for column in ("base_cfg", "distilled"):
-        new, old = _files(ds, tmp_path, column)[0], _files(report, out, column)[0]
-        assert np.abs(_img(new) - _img(old)).max() <= TOL
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
-    report, out = main_run
+def _two_processes(*args: str) -> subprocess.CompletedProcess:
+    """The comparison CLI under ``accelerate launch`` with 2 processes on the CPU."""
     # `accelerate launch --cpu` spawns one process unless MPI is set up; --multi_gpu launches
     # 2 torchrun workers, and with no CUDA the loop's PartialState(cpu=True) uses gloo on the CPU.
     cmd = [
@@ -254,6 +235,16 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
         "--main_process_port",
         str(_free_port()),
         str(CLI),
+        *args,
+    ]
+    if not Path(cmd[0]).exists():
+        cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    report, out = main_run
+    proc = _two_processes(
         "--ft_model",
         str(tiny_lora_dir),
         "--out_dir",
@@ -265,10 +256,7 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
         "--also_base_without_cfg",
         "--prompts",
         *PROMPTS,
-    ]
-    if not Path(cmd[0]).exists():
-        cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "report.json").read_text())
     assert two["num_processes"] == 2
@@ -338,3 +326,31 @@ def test_synthetic_captions_get_an_adherence_score_per_column(tiny_lora_dir: Pat
 def test_ordinary_prompts_get_no_adherence_score(main_run: tuple[dict, Path]) -> None:
     report, _ = main_run
     assert report["adherence"] is None
+
+
+def test_deepspeed_inference_is_gone() -> None:
+    from sd_distill.eval.config import parse_args
+
+    with pytest.raises(SystemExit):  # argparse: unrecognised argument
+        parse_args(["--ft_model", "x", "--deepspeed_inference"])
+
+
+def test_a_lora_of_another_base_is_one_line_printed_once(
+    tiny_model_dir: Path, wide_model_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(wide_model_dir, subfolder="unet")
+    attach_lora(unet, rank=4)
+    lora = save_lora(lora_state_dict(unet), tmp_path / "wide-lora").parent
+    (lora / "sd_distill_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(wide_model_dir)}))
+    proc = _two_processes(
+        "--ft_model", str(lora), "--b_model", str(tiny_model_dir), "--out_dir", str(tmp_path / "o"), "--prompts", "a"
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors  # one line, from rank 0 only (torchrun adds its own failure summary)
+    assert "does not fit base" in errors[0] and f"--b_model {wide_model_dir}" in errors[0]
+    assert "size mismatch" not in proc.stderr and len(errors[0]) < 400

@@ -109,8 +109,9 @@ def test_a_fused_student_samples_any_scale_in_one_pass_in_stock_diffusers(tiny_m
 
     def image(g: float) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
-        return torch.from_numpy(stock("a red circle", num_inference_steps=3, guidance_scale=g, generator=gen,
-                                      output_type="np").images[0])
+        return torch.from_numpy(
+            stock("a red circle", num_inference_steps=3, guidance_scale=g, generator=gen, output_type="np").images[0]
+        )
 
     low, high, again = image(2.0), image(10.0), image(2.0)
     assert calls == [1] * 3 * 3  # 3 images x 3 steps, each one UNet call of batch 1

@@ -99,7 +99,8 @@ def test_streaming_skips_bad_rows_as_it_goes(tmp_path: Path) -> None:
     rows = {"image": [_png(0), b"garbage", _png(2)], "text": ["a", "b", "c"]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "s.parquet"))
     data = build_train_data(
-        _config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1), show_progress=False
+        _config(dataset_name=str(tmp_path / "s.parquet"), streaming=True, max_train_steps=1, max_bad_fraction=0.5),
+        show_progress=False,
     )
     items = list(data.dataset)
     assert [i["caption"] for i in items] == ["a", "c"]
@@ -163,3 +164,30 @@ def test_training_from_a_stream(tiny_model_dir: Path, tmp_path: Path) -> None:
         )
     )
     assert stats.global_step == 3
+
+
+def _metadata_folder(folder: Path, suffix: str, rows: list[tuple[str, str]]) -> Path:
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(i))
+    if suffix == ".csv":
+        text = "file_name,text\n" + "".join(f"{f},{t}\n" for f, t in rows)
+    else:
+        text = "".join(f'{{"file_name": "{f}", "text": "{t}"}}\n' for f, t in rows)
+    (folder / f"metadata{suffix}").write_bytes(text.encode("utf-8").replace(b"BAD", b"\xff"))
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_metadata_byte_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, suffix: str) -> None:
+    folder = _metadata_folder(tmp_path / "d", suffix, [("0.png", "a"), ("1.png", "cafBAD"), ("2.png", "c")])
+    line = 3 if suffix == ".csv" else 2  # the csv has a header line
+    with pytest.raises(ConfigError, match=rf"metadata{suffix} line {line}: byte 0xff is not UTF-8"):
+        build_train_data(_config(train_data_dir=str(folder)), show_progress=False)
+
+
+def test_a_file_name_outside_the_folder_is_named(tmp_path: Path) -> None:
+    folder = _metadata_folder(tmp_path / "d", ".jsonl", [("0.png", "a"), ("../../etc/passwd", "b")])
+    with pytest.raises(ConfigError) as err:
+        build_train_data(_config(train_data_dir=str(folder)), show_progress=False)
+    assert "'../../etc/passwd'" in str(err.value) and "An error occurred" not in str(err.value)

@@ -21,10 +21,16 @@ TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles
 
 
 def _launch(config: str, argv: list[str], log: Path) -> None:
+    proc = _launched(config, argv, log)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def _launched(config: str, argv: list[str], log: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of the training CLI; its stdout and stderr go to ``log``."""
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
     with open(log, "w") as handle:
-        proc = subprocess.run(
+        return subprocess.run(
             [
                 str(accelerate),
                 "launch",
@@ -41,7 +47,6 @@ def _launch(config: str, argv: list[str], log: Path) -> None:
             env=env,
             cwd=ROOT,
         )
-    assert proc.returncode == 0, log.read_text()[-4000:]
 
 
 @pytest.mark.parametrize("config", ["cpu_2proc_zero2.yaml", "cpu_2proc_zero3.yaml"])
@@ -85,3 +90,44 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
     before, after = lora_output_change(wide_model_dir, out)
     assert not torch.allclose(before, after, atol=1e-5)
     print(f"{config}: checkpoint {ckpt_bytes / 1024:.0f} KiB, UNet {unet_bytes / 1024:.0f} KiB")
+
+
+def test_two_ranks_split_the_cache_and_assemble_what_one_process_writes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from helpers import run_training
+
+    data = write_image_folder(tmp_path / "data", n=20, size=(36, 36))  # chunks of 16 rows: 16 + 4
+    cached = ("--cache_latents", "--cache_text_embeddings", "--checkpointing_steps", "100")
+    log = tmp_path / "two.log"
+    _launch("cpu_2proc_zero2.yaml", train_args(tiny_model_dir, data, tmp_path / "two", *cached, steps=1), log)
+    text = log.read_text()
+    assert "rows looked at per rank: [16, 4]" in text and "rows per rank: [16, 4]" in text  # each its share
+    assert text.count("done: 1 steps") == 1  # printed by rank 0 only
+
+    run_training(train_args(tiny_model_dir, data, tmp_path / "one", *cached, steps=1))
+    for kind in ("latents", "text"):
+        [two] = (tmp_path / "two" / "cache").glob(f"{kind}-*.safetensors")
+        [one] = (tmp_path / "one" / "cache").glob(f"{kind}-*.safetensors")
+        assert two.name == one.name
+        a, b = load_file(str(two)), load_file(str(one))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+    assert not list((tmp_path / "two" / "cache").glob(".*part*"))  # the ranks' parts are removed
+
+
+def test_two_ranks_stop_together_on_a_stream_of_unreadable_images(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [b"not an image"] * 6, "text": ["x"] * 6}).to_parquet(
+        str(tmp_path / "s.parquet")
+    )
+    argv = train_args(tiny_model_dir, tmp_path, tmp_path / "out", "--streaming", steps=2)
+    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = [
+        "--dataset_name",
+        str(tmp_path / "s.parquet"),
+    ]
+    proc = _launched("cpu_2proc_zero2.yaml", argv, tmp_path / "stream.log")
+    text = (tmp_path / "stream.log").read_text()
+    assert proc.returncode != 0  # and no hang: _launched has a time limit
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 6 of the last 6 rows read cannot be"), text[-3000:]

@@ -69,6 +69,35 @@ def test_mostly_broken_data_stops_with_a_clear_message(tiny_model_dir: Path, tmp
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
+def _delete_images(folder: Path, names: list[str]):
+    """An edit for ``run_training``: the images vanish after the scan found them readable."""
+
+    def edit(training: Any) -> None:
+        for name in names:
+            (folder / name).unlink()
+
+    return edit
+
+
+def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", n=8)
+    uncached = ("--no-cache_latents", "--max_bad_fraction", "0.2")
+    stats, _ = run_training(
+        train_args(tiny_model_dir, data, tmp_path / "out", *uncached), _delete_images(data, ["3.png"])
+    )
+    assert stats.global_step == 4 and stats.skipped_rows == 1  # 8 rows in batches of 2: 3.png read once
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_many_images_deleted_mid_run_stop_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.train.config import ConfigError
+
+    data = write_image_folder(tmp_path / "data", n=8)
+    gone = _delete_images(data, ["0.png", "2.png", "5.png"])
+    with pytest.raises(ConfigError, match=r"of the last \d+ rows read cannot be decoded.*deleted or changed during"):
+        run_training(train_args(tiny_model_dir, data, tmp_path / "out", "--no-cache_latents", steps=8), gone)
+
+
 def _nan_on(calls: set[int] | None):
     """An edit for ``run_training``: the target turns NaN on the given calls (every call when None)."""
 
@@ -103,6 +132,9 @@ def test_repeated_nan_losses_stop_the_run_with_the_fp16_hint(tiny_model_dir: Pat
 # Interruption: kill -9 / SIGTERM, then --resume_from_checkpoint latest, must give the same LoRA
 # ------------------------------------------------------------------------------------------------
 STEPS = 12
+# The reference loads on the training thread, the interrupted runs in 2 persistent workers: the
+# epoch reaches the workers with each index, so the rows, crops and flips are the same.
+NO_WORKERS, WORKERS = ("--dataloader_num_workers", "0"), ("--dataloader_num_workers", "2")
 
 
 def _cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -132,21 +164,25 @@ def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_mod
     data = write_image_folder(tmp_path / "data", n=6)
     reference = tmp_path / "reference"
     subprocess.run(
-        _cmd(tiny_model_dir, data, reference), env=subprocess_env(), check=True, capture_output=True, timeout=300
+        _cmd(tiny_model_dir, data, reference, *NO_WORKERS),
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     expected = _lora(reference)
 
     # 1) SIGKILL right after the first checkpoint; leave a half-written checkpoint behind too,
     #    as a kill during a save would: `latest` must ignore it.
     killed = tmp_path / "killed"
-    code = _interrupt_when(_cmd(tiny_model_dir, data, killed), killed / "checkpoint-2", signal.SIGKILL)
+    code = _interrupt_when(_cmd(tiny_model_dir, data, killed, *WORKERS), killed / "checkpoint-2", signal.SIGKILL)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
     half = killed / ".checkpoint-99.tmp"
     half.mkdir(exist_ok=True)
     (half / "pytorch_lora_weights.safetensors").write_bytes(b"half")
     subprocess.run(
-        _cmd(tiny_model_dir, data, killed, "--resume_from_checkpoint", "latest"),
+        _cmd(tiny_model_dir, data, killed, *WORKERS, "--resume_from_checkpoint", "latest"),
         env=subprocess_env(),
         check=True,
         capture_output=True,
@@ -159,13 +195,13 @@ def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tiny_mod
     # 2) SIGTERM with --save_on_interrupt later in the run: a checkpoint at the stop step, exit 130.
     termed = tmp_path / "termed"
     code = _interrupt_when(
-        _cmd(tiny_model_dir, data, termed, "--save_on_interrupt"), termed / "checkpoint-6", signal.SIGTERM
+        _cmd(tiny_model_dir, data, termed, *WORKERS, "--save_on_interrupt"), termed / "checkpoint-6", signal.SIGTERM
     )
     assert code == 130
     steps = sorted(int(p.name.split("-")[1]) for p in termed.glob("checkpoint-*"))
     assert steps and steps[-1] >= 6
     subprocess.run(
-        _cmd(tiny_model_dir, data, termed, "--save_on_interrupt", "--resume_from_checkpoint", "latest"),
+        _cmd(tiny_model_dir, data, termed, *WORKERS, "--save_on_interrupt", "--resume_from_checkpoint", "latest"),
         env=subprocess_env(),
         check=True,
         capture_output=True,

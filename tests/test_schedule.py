@@ -48,5 +48,14 @@ def test_resume_point_is_the_epoch_and_the_batches_already_done_in_it() -> None:
 def test_micro_step_counter_continues_where_an_uninterrupted_run_is() -> None:
     schedule = _plan(10, batch=2)
     epoch, skip = schedule.resume_point(7)
-    assert schedule.micro_step(epoch, skip, 7) == 7  # 5 batches of epoch 0 + 2 of epoch 1
-    assert _plan(None, steps=10, accum=3).micro_step(0, 0, 4) == 12
+    assert schedule.micro_step(epoch, skip) == 7  # 5 batches of epoch 0 + 2 of epoch 1
+    stream = _plan(None, steps=10, accum=3)
+    assert stream.micro_step(*stream.resume_point(4)) == 12  # still in its first pass
+
+
+def test_a_stream_read_through_becomes_an_epoch_schedule() -> None:
+    # 5 batches per pass, accumulated by 2: updates after batches 2, 4 and 5 of every pass
+    stream = _plan(None, steps=10, accum=2).with_epoch_length(5)
+    assert stream.updates_per_epoch == 3
+    assert stream.resume_point(4) == (1, 2)  # beyond the first pass: not 8 batches into it
+    assert stream.micro_step(1, 2) == 7

@@ -151,7 +151,7 @@ def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model
         )
     )
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
-    assert list((tmp_path / "b" / "cache").glob("cache-*.safetensors"))
+    assert list((tmp_path / "b" / "cache").glob("text-*.safetensors"))
     reset_accelerate_state()
     latents, _ = _run_capturing(
         train_args(tiny_model_dir, data, tmp_path / "c", *common, "--cache_latents", "--cache_text_embeddings", steps=2)
@@ -225,7 +225,7 @@ def test_small_datasets_are_cached_by_default_and_the_encoders_freed(tiny_model_
 
     data = write_image_folder(tmp_path / "data", n=4)
     stats, comps = _run_capturing(train_args(tiny_model_dir, data, tmp_path / "out", steps=2))
-    assert stats.global_step == 2 and list((tmp_path / "out" / "cache").glob("cache-*.safetensors"))
+    assert stats.global_step == 2 and list((tmp_path / "out" / "cache").glob("latents-*.safetensors"))
     assert comps.vae is None and comps.text_encoder is None  # nothing in the loop needs them any more
     saved = json.loads((tmp_path / "out" / "sd_distill_config.json").read_text())
     assert saved["cache_latents"] is True and saved["cache_text_embeddings"] is True

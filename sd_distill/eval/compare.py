@@ -26,8 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import CompareConfig, CompareError, parse_args, resolve
-from .pipelines import UNetCounter, load_pipelines, wrap_deepspeed
+from .config import CompareConfig, CompareError, column_keys, parse_args, resolve
+from .outdir import claim, planned_files
+from .pipelines import UNetCounter, load_pipelines
 from .render import Column, sample
 from .report import build_report, columns_report, save_images, write_report
 from .scores import load_scorer, score
@@ -44,11 +45,8 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
     state, device = _process_state(config)
     base, distilled = load_pipelines(res, config, device)
-    if config.deepspeed_inference:
-        wrap_deepspeed(base, res.dtype)
-        wrap_deepspeed(distilled, res.dtype)
     base_counter, distilled_counter = UNetCounter(base.unet), UNetCounter(distilled.unet)
-    columns = [
+    columns = [  # keys as config.column_keys names them (the output folder was checked for those)
         Column("base_cfg", "base (CFG)", base, res.guidance_scale, base_counter),
         Column("distilled", "distilled", distilled, config.ft_guidance_scale, distilled_counter),
     ]
@@ -73,7 +71,7 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
     report: list[Any] = [None]
     if state.is_main_process:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        claim(Path(config.out_dir), planned_files(res.prompts, column_keys(config)))
         report[0] = _assemble(columns, records, res, config, device, state.num_processes, scorer)
         logger.info("wrote %s", Path(config.out_dir) / "grid.png")
     if state.num_processes > 1:

@@ -4,7 +4,9 @@ which checks them and decides the base, guidance, prompts and dtype before any m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+# Schedulers that need a package beyond diffusers' own requirements (diffusers raises only when sampling).
+SCHEDULER_PACKAGES = {"LMSDiscreteScheduler": "scipy"}
 TOY_ADHERENCE = "sd_distill.toy.checker:caption_adherence"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -71,7 +75,6 @@ class CompareConfig:
     fuse_lora: bool = option(
         True, "Fuse the LoRA into the distilled UNet copy (off: keep peft layers).", negative_alias="--no_fuse_lora"
     )
-    deepspeed_inference: bool = option(False, "Wrap each UNet with deepspeed.init_inference.")
     clip_model: Optional[str] = option(
         None, "A local or cached CLIP model for CLIP scores; none by default (no hub here)."
     )
@@ -161,12 +164,32 @@ def _base(config: CompareConfig, kind: str, recorded: dict[str, Any], ft: Path) 
     )
 
 
-def _guidance(config: CompareConfig, recorded: dict[str, Any]) -> tuple[float, str]:
+def _guidance(config: CompareConfig, recorded: dict[str, Any], ft: Path) -> tuple[float, str]:
     if config.guidance_scale is not None:
         return float(config.guidance_scale), "--guidance_scale"
-    if recorded.get("guidance_scale") is not None:
-        return float(recorded["guidance_scale"]), "recorded"
-    return DEFAULT_GUIDANCE_SCALE, "default"
+    value = recorded.get("guidance_scale")
+    if value is None:
+        return DEFAULT_GUIDANCE_SCALE, "default"
+    if not _is_number(value) or not math.isfinite(value) or value < 1:
+        raise CompareError(
+            f"{ft / CONFIG_FILE_NAME} records guidance_scale {value!r}, not a number of at least 1; "
+            "pass --guidance_scale"
+        )
+    return float(value), "recorded"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_recorded(recorded: dict[str, Any], ft: Path) -> None:
+    """The recorded names that reach from_pretrained must be strings (a hand-edited config may not be)."""
+    for key in ("pretrained_model_name_or_path", "revision", "variant"):
+        value = recorded.get(key)
+        if value is not None and not isinstance(value, str):
+            raise CompareError(
+                f"{ft / CONFIG_FILE_NAME} records {key} {value!r}, not a string; fix it or pass --b_model"
+            )
 
 
 def _prompts(config: CompareConfig) -> list[str]:
@@ -174,8 +197,16 @@ def _prompts(config: CompareConfig) -> list[str]:
         prompts = [p for p in config.prompts if p.strip()]
     elif config.prompts_file:
         if not Path(config.prompts_file).is_file():
-            raise CompareError(f"--prompts_file not found: {config.prompts_file}")
-        prompts = read_prompts_file(config.prompts_file)
+            raise CompareError(f"--prompts_file not found (or not a file): {config.prompts_file}")
+        try:
+            prompts = read_prompts_file(config.prompts_file)
+        except UnicodeDecodeError as exc:
+            raise CompareError(
+                f"--prompts_file {config.prompts_file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                f"offset {exc.start}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise CompareError(f"cannot read --prompts_file {config.prompts_file}: {exc.strerror or exc}") from None
         if not prompts:
             raise CompareError(f"--prompts_file {config.prompts_file} is empty (no prompts after blank/# lines)")
     else:
@@ -185,7 +216,8 @@ def _prompts(config: CompareConfig) -> list[str]:
     return prompts
 
 
-def _check_sampling(config: CompareConfig) -> None:
+def _check_numbers(config: CompareConfig) -> None:
+    """Every numeric flag in its range."""
     if config.num_inference_steps < 1:
         raise CompareError("--num_inference_steps must be >= 1")
     if config.batch_size < 1:
@@ -194,16 +226,40 @@ def _check_sampling(config: CompareConfig) -> None:
         v = getattr(config, name)
         if v is not None and (v < 8 or v % 8):
             raise CompareError(f"--{name} must be a positive multiple of 8, got {v}")
-    if config.scheduler is not None and config.scheduler not in SCHEDULERS:
-        raise CompareError(f"unknown --scheduler {config.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    if not 0 <= config.seed < 2**64:
+        raise CompareError(f"--seed {config.seed} must be in [0, 2**64) (torch.Generator's range)")
+    for name in ("guidance_scale", "ft_guidance_scale"):
+        v = getattr(config, name)
+        if v is not None and not (math.isfinite(v) and v >= 1):
+            raise CompareError(f"--{name} {v} must be a number of at least 1 (below 1 a pipeline runs no guidance)")
+
+
+def _check_device(name: str | None) -> None:
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CompareError(f"--device {name!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CompareError(f"--device {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CompareError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CompareError(f"--device {name} requested but MPS is not available")
+    elif device.type != "cpu":
+        raise CompareError(f"--device {name}: the comparison renders on cpu, cuda or mps")
 
 
 def _dtype(config: CompareConfig) -> str:
     import torch  # only now: input errors above are reported without paying for the import
 
+    _check_device(config.device)
     on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise CompareError(f"--device {config.device} requested but CUDA is not available")
     dtype = config.dtype or ("fp16" if on_cuda else "fp32")
     if dtype not in DTYPE_NAMES:
         raise CompareError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
@@ -219,13 +275,16 @@ def resolve(config: CompareConfig) -> Resolved:
         raise CompareError(f"--ft_model folder not found: {ft}")
     kind = _ft_kind(ft)
     recorded = _read_recorded(ft)
+    _check_recorded(recorded, ft)
     base, base_source = _base(config, kind, recorded, ft)
     _check_base(base)
     # The recorded revision/variant describe the recorded base only.
     same_base = base == recorded.get("pretrained_model_name_or_path")
-    guidance, guidance_source = _guidance(config, recorded)
+    _check_numbers(config)
+    guidance, guidance_source = _guidance(config, recorded, ft)
     prompts = _prompts(config)
-    _check_sampling(config)
+    check_scheduler(config, base, recorded.get("revision") if same_base else None)
+    _check_out_dir(config, prompts)
     return Resolved(
         ft_path=ft,
         ft_kind=kind,
@@ -240,3 +299,48 @@ def resolve(config: CompareConfig) -> Resolved:
         device=config.device,
         recorded=recorded,
     )
+
+
+def column_keys(config: CompareConfig) -> list[str]:
+    """The report's columns, in grid order (``compare.run`` builds them under these keys)."""
+    return ["base_cfg", "distilled"] + (["base_nocfg"] if config.also_base_without_cfg else [])
+
+
+def _check_out_dir(config: CompareConfig, prompts: list[str]) -> None:
+    from .outdir import out_dir_error, planned_files  # outdir needs CompareError from here
+
+    error = out_dir_error(Path(config.out_dir), planned_files(prompts, column_keys(config)))
+    if error:
+        raise CompareError(error)
+
+
+def check_scheduler(config: CompareConfig, base: str, revision: str | None) -> None:
+    """The sampler every column uses can run: its extra package is installed and it gets enough steps."""
+    if config.scheduler is not None and config.scheduler not in SCHEDULERS:
+        raise CompareError(f"unknown --scheduler {config.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    own = _scheduler_config(base, revision)
+    name = SCHEDULERS[config.scheduler] if config.scheduler else own.get("_class_name")
+    package = SCHEDULER_PACKAGES.get(str(name))
+    if package and importlib.util.find_spec(package) is None:
+        flag = f"--scheduler {config.scheduler}" if config.scheduler else f"the base's scheduler ({name})"
+        raise CompareError(f"{flag} needs the {package} package: pip install {package}, or pass another --scheduler")
+    # PNDM's Runge-Kutta warm-up takes 4 steps unless skip_prk_steps (SD's own configs set it)
+    if name == "PNDMScheduler" and not own.get("skip_prk_steps", False) and config.num_inference_steps < 4:
+        raise CompareError(
+            f"PNDM without skip_prk_steps needs --num_inference_steps of at least 4, got "
+            f"{config.num_inference_steps}; pass more steps or another --scheduler"
+        )
+
+
+def _scheduler_config(base: str, revision: str | None) -> dict[str, Any]:
+    """The base's scheduler_config.json when it is on this machine (a folder or the hub cache), else {}."""
+    path: Any = Path(base) / "scheduler" / "scheduler_config.json"
+    if not Path(base).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(base, "scheduler/scheduler_config.json", revision=revision)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8")) if isinstance(path, (str, Path)) else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

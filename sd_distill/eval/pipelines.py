@@ -4,6 +4,8 @@ text encoder and tokenizer (with its own UNet copy: the LoRA fused in, or a fuse
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 from ..constants import LORA_WEIGHTS_NAME
@@ -67,10 +69,12 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     )
     distilled.set_progress_bar_config(disable=True)
     if res.ft_kind == "lora":
+        _check_lora_fits(base.unet, res)
         try:
             distilled.load_lora_weights(str(res.ft_path), weight_name=LORA_WEIGHTS_NAME)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CompareError(f"could not load the LoRA of {res.ft_path} onto {res.base}: {exc}") from None
+        except (OSError, ValueError, RuntimeError) as exc:  # diffusers' message can be one line per layer
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompareError(f"could not load the LoRA of {res.ft_path} onto {res.base}: {first[:300]}") from None
         if config.fuse_lora:
             distilled.fuse_lora(components=["unet"])
             distilled.unload_lora_weights()  # drop the peft wrappers; the fused weights stay
@@ -79,37 +83,40 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     return base, distilled
 
 
-def _engine_unet(engine: Any) -> Any:
-    """Make a DeepSpeed InferenceEngine look like the UNet to the pipeline: calls go through
-    the engine, attributes (config, dtype, device, ...) come from the wrapped UNet."""
-    import torch
-
-    class EngineUNet(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.engine = engine
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return self.engine(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self._modules["engine"].module, name)
-
-    return EngineUNet()
+# peft-format LoRA keys as training saves them: [unet.]<module>.lora_A.weight / lora_B.weight
+_LORA_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
-def wrap_deepspeed(pipe: Any, dtype: str) -> None:
-    """Route ``pipe``'s UNet through ``deepspeed.init_inference``; clear error when it fails."""
-    try:
-        import deepspeed
+def lora_mismatch(unet: Any, lora_file: Path) -> str | None:
+    """Why the LoRA in ``lora_file`` does not fit ``unet`` (its first misfit layer), ``None`` when it fits.
+    Read from the file's header, before diffusers tries to load it and logs one line per layer."""
+    from safetensors import safe_open
 
-        engine = deepspeed.init_inference(pipe.unet, dtype=torch_dtype(dtype), replace_with_kernel_inject=False)
-    except Exception as exc:
-        raise CompareError(
-            f"--deepspeed_inference failed ({type(exc).__name__}: {exc}); run without --deepspeed_inference"
-        ) from None
-    # Bypass DiffusionPipeline.__setattr__ (it would re-register the wrapper in the config).
-    object.__setattr__(pipe, "unet", _engine_unet(engine))
+    shapes = {name: tuple(p.shape) for name, p in unet.named_parameters()}
+    with safe_open(str(lora_file), "pt") as f:
+        for key in sorted(f.keys()):
+            m = _LORA_KEY.match(key)
+            if m is None:  # another LoRA key format: leave it to diffusers
+                continue
+            module, side = m.group("module"), m.group("side")
+            base = shapes.get(f"{module}.weight") or shapes.get(f"{module}.base_layer.weight")
+            if base is None:
+                return f"its layer {module} is not in this base"
+            got = tuple(f.get_slice(key).get_shape())
+            dim, what = (1, "input") if side == "A" else (0, "output")  # A: [r, in, ...], B: [out, r, ...]
+            if len(got) < 2 or got[dim] != base[dim]:
+                size = got[dim] if len(got) > dim else "?"
+                return (
+                    f"its layers have other shapes: first mismatch {module}, {what} size {size} in the LoRA, "
+                    f"{base[dim]} in the base"
+                )
+    return None
+
+
+def _check_lora_fits(unet: Any, res: Resolved) -> None:
+    mismatch = lora_mismatch(unet, res.ft_path / LORA_WEIGHTS_NAME)
+    if mismatch is None:
+        return
+    recorded = res.recorded.get("pretrained_model_name_or_path")
+    hint = recorded if recorded and recorded != res.base else "<the base it was trained on>"
+    raise CompareError(f"the LoRA in {res.ft_path} does not fit base {res.base} ({mismatch}); pass --b_model {hint}")

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import CompareConfig, CompareError, Resolved
 from .grid import make_grid
+from .outdir import write_atomic
 from .prompts import image_file_name
 from .render import Column
 
@@ -27,8 +28,8 @@ def save_images(
             path = (out / c.key / image_file_name(i, prompt)).resolve()
             if out not in path.parents:  # cannot happen with slugify; a last guard all the same
                 raise CompareError(f"refusing to write outside {out}: {path}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[c.key][i]).save(path)
+            image = Image.fromarray(images[c.key][i])
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             entry["files"][c.key] = str(path.relative_to(out))
         files.append(entry)
     grid = make_grid(
@@ -36,7 +37,7 @@ def save_images(
         [f"{c.title}, w={c.guidance_scale:g}, {steps} steps" for c in columns],
         [f"{i + 1}. {p}" for i, p in enumerate(prompts)],
     )
-    grid.save(out / "grid.png")
+    write_atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     return files
 
 
@@ -106,7 +107,6 @@ def build_report(
         "width": w,
         "batch_size": config.batch_size,
         "num_processes": num_processes,
-        "deepspeed_inference": config.deepspeed_inference,
         "columns": cols,
         "speed_ratio_distilled_over_base": secs["base_cfg"] / secs["distilled"],
         "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
@@ -120,8 +120,9 @@ def build_report(
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    """report.md, then report.json (last: a complete report.json means a complete folder)."""
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(markdown(report), encoding="utf-8"))
+    write_atomic(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2), encoding="utf-8"))
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ import torch
 
 from ..constants import DATA_BUILDERS, DATA_SUFFIXES
 from .config import ConfigError, TrainConfig
+from .loader import ImageCaptionDataset, StreamingImageCaptionDataset
 from .rows import DataSpec, clean_caption, decode_image
+from .shards import gather, my_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +44,50 @@ def load_table(config: TrainConfig) -> Any:
     except ConfigError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the message, not a stack
-        if (
-            isinstance(err, StopIteration)
-            or "empty" in str(err).lower()
-            or "at least one data file" in str(err).lower()
-        ):
+        cause = root_cause(err)
+        text = f"{err} {cause}".lower()
+        empty = ("empty", "at least one data file", "corresponds to no data")
+        if isinstance(err, StopIteration) or any(words in text for words in empty):
             raise ConfigError(f"the dataset is empty: {source!r} has no rows (or no images).") from err
+        not_utf8 = isinstance(cause, UnicodeDecodeError) or "utf8" in str(cause).lower().replace("-", "")
+        where = _bad_utf8_line(source) if not_utf8 else None  # arrow's message names neither file nor line
         raise ConfigError(
-            f"could not read the dataset {source!r}: {type(err).__name__}: {err}. Give a hub id, a folder of images "
+            f"could not read the dataset {source!r}: {where or _one_line(cause)}. Give a hub id, a folder of images "
             "with metadata.jsonl/.csv, or .parquet/.arrow/.jsonl/.csv files."
         ) from err
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s chain: datasets wraps the message that names the row or
+    file in a generic "An error occurred while generating the dataset"."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if str(inner).strip():
+            err = inner
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:600]}"
+
+
+def _bad_utf8_line(source: str | None) -> str | None:
+    """``file line N: byte 0x.. is not UTF-8`` for the first text data file of ``source`` that is not UTF-8."""
+    root = Path(os.path.expanduser(source or ""))
+    files = [root] if root.is_file() else sorted(root.rglob("metadata.*")) if root.is_dir() else []
+    files += [Path(p) for p in glob.glob(os.path.expanduser(source or "")) if Path(p) not in files]
+    for path in files:
+        if path.suffix not in (".jsonl", ".json", ".csv") or not path.is_file():
+            continue
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return f"{path} line {number}: byte {line[bad.start]:#04x} is not UTF-8 (save the file as UTF-8)"
+    return None
 
 
 def _load_table(config: TrainConfig) -> Any:
@@ -133,103 +169,42 @@ def _prepare_image_column(table: Any, image_column: str) -> Any:
     return table
 
 
-# ------------------------------------------------------------------------------------------------
-# torch datasets
-# ------------------------------------------------------------------------------------------------
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Map-style view over the readable rows of a table. Augmentation draws from a generator
-    seeded by ``(seed, epoch, row)``, so a resumed run sees exactly the same crops and flips."""
-
-    def __init__(self, table: Any, rows: list[int], spec: DataSpec) -> None:
-        self.table, self.rows, self.spec, self.epoch = table, rows, spec, 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def select_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row_index = self.rows[i]
-        example = self.spec.example(self.table[row_index], row_index, self.epoch)
-        if example is None:  # readable at scan time; unreadable now means the files changed under us
-            raise RuntimeError(f"row {row_index}: image became unreadable during training")
-        return {**example, "index": i}
-
-    def caption(self, i: int) -> str:
-        return self.spec.caption(self.table[self.rows[i]])
-
-
-class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
-    """Iterable view over a streamed table that skips (and counts) unreadable rows as it goes."""
-
-    def __init__(self, table: Any, spec: DataSpec) -> None:
-        self.table, self.spec, self.epoch = table, spec, 0
-
-    def select_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        bad = 0
-        for i, row in enumerate(self.table):
-            example = self.spec.example(row, i, self.epoch)
-            if example is None:
-                bad += 1
-                continue
-            yield {**example, "index": i, "bad_rows_before": bad}
-            bad = 0
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A permutation drawn from ``(seed, epoch)``: the same order when a run is resumed."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def select_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
-
-
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    # A tensor comes first: accelerate reads the batch size from the first entry.
-    batch: dict[str, Any] = {"index": torch.tensor([e["index"] for e in examples])}
-    for key in ("pixel_values", "latents", "text_embeddings"):
-        if key in examples[0]:
-            batch[key] = torch.stack([e[key] for e in examples])
-    batch["caption"] = [e["caption"] for e in examples]
-    batch["bad_rows"] = sum(e.get("bad_rows_before", 0) for e in examples)
-    return batch
-
-
 @dataclass
 class ScanReport:
-    rows: list[int]
+    rows: list[int]  # readable rows, ascending
     bad_images: int
     bad_captions: int
-    total: int
+    total: int  # rows looked at
+
+    @classmethod
+    def merge(cls, parts: list[ScanReport]) -> ScanReport:
+        """One report of the rank's shares (each rank looked at other rows)."""
+        return cls(
+            sorted(r for p in parts for r in p.rows),
+            sum(p.bad_images for p in parts),
+            sum(p.bad_captions for p in parts),
+            sum(p.total for p in parts),
+        )
 
 
-def scan_rows(table: Any, image_column: str, caption_column: str, root: str | None, show_progress: bool) -> ScanReport:
-    """Decode every image once (not kept) to find the rows that can be trained on."""
+def scan_rows(table: Any, spec: DataSpec, accelerator: Any = None, show_progress: bool = False) -> ScanReport:
+    """Decode every image once (not kept) to find the rows that can be trained on. Each rank decodes
+    its share of the rows and all get the same merged report."""
     from tqdm.auto import tqdm
 
-    good: list[int] = []
-    bad_images = bad_captions = 0
-    for i in tqdm(range(len(table)), desc="checking images", disable=not show_progress, leave=False):
+    start = time.perf_counter()
+    chunks = my_chunks(len(table), accelerator)
+    mine = ScanReport([], 0, 0, sum(len(c) for c in chunks))
+    for i in tqdm([i for c in chunks for i in c], desc="checking images", disable=not show_progress, leave=False):
         row = table[i]
-        if decode_image(row[image_column], root) is None:
-            bad_images += 1
+        if decode_image(row[spec.image_column], spec.root) is None:
+            mine.bad_images += 1
             continue
-        bad_captions += clean_caption(row[caption_column])[1]
-        good.append(i)
-    return ScanReport(good, bad_images, bad_captions, len(table))
+        mine.bad_captions += clean_caption(row[spec.caption_column])[1]
+        mine.rows.append(i)
+    report = ScanReport.merge(gather(accelerator, mine))
+    logger.info("checked %d images in %.1f s (%d on this rank)", report.total, time.perf_counter() - start, mine.total)
+    return report
 
 
 @dataclass
@@ -240,8 +215,8 @@ class TrainData:
     num_rows: int | None
 
 
-def build_train_data(config: TrainConfig, show_progress: bool = True) -> TrainData:
-    """Load the table, resolve columns, drop unreadable rows; raises ConfigError on bad data."""
+def open_table(config: TrainConfig) -> tuple[Any, DataSpec]:
+    """The table (images not decoded) and how its rows become examples; ConfigError when unusable."""
     table = load_table(config)
     names = list(table.column_names or (table.features.keys() if table.features else []))
     if config.streaming and not names:
@@ -254,19 +229,34 @@ def build_train_data(config: TrainConfig, show_progress: bool = True) -> TrainDa
     spec = DataSpec(
         image_column, caption_column, config.resolution, config.center_crop, config.random_flip, config.seed or 0, root
     )
-    if config.streaming:
-        return TrainData(StreamingImageCaptionDataset(table, spec), spec, None, None)
-    if len(table) == 0:
+    if not config.streaming and len(table) == 0:
         raise ConfigError(f"the dataset is empty: {config.train_data_dir or config.dataset_name!r} has no rows.")
-    scan = scan_rows(table, image_column, caption_column, root, show_progress)
+    return table, spec
+
+
+def build_train_data(config: TrainConfig, show_progress: bool = True, accelerator: Any = None) -> TrainData:
+    """Load the table, resolve columns, drop unreadable rows; raises ConfigError on bad data."""
+    table, spec = open_table(config)
+    if config.streaming:
+        return stream_data(config, table, spec)
+    return train_data(config, table, spec, scan_rows(table, spec, accelerator, show_progress))
+
+
+def stream_data(config: TrainConfig, table: Any, spec: DataSpec) -> TrainData:
+    """A stream: unreadable rows are skipped and judged as they go by."""
+    return TrainData(StreamingImageCaptionDataset(table, spec, config.max_bad_fraction), spec, None, None)
+
+
+def train_data(config: TrainConfig, table: Any, spec: DataSpec, scan: ScanReport, announce: bool = True) -> TrainData:
+    """The readable rows of a scanned table; ConfigError when too many are unreadable."""
     fraction = scan.bad_images / scan.total
-    if scan.bad_images:
+    if scan.bad_images and announce:
         logger.warning("skipping %d of %d rows whose image cannot be decoded", scan.bad_images, scan.total)
-    if scan.bad_captions:
+    if scan.bad_captions and announce:
         logger.warning("%d rows have an empty or non-text caption; they train on the empty prompt", scan.bad_captions)
     if not scan.rows or fraction > config.max_bad_fraction:
         raise ConfigError(
             f"{scan.bad_images} of {scan.total} images ({fraction:.0%}) cannot be decoded, more than "
-            f"--max_bad_fraction {config.max_bad_fraction}; check --image_column {image_column!r} and the files."
+            f"--max_bad_fraction {config.max_bad_fraction}; check --image_column {spec.image_column!r} and the files."
         )
     return TrainData(ImageCaptionDataset(table, scan.rows, spec), spec, scan, len(scan.rows))

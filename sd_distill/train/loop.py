@@ -13,6 +13,8 @@ import torch
 
 from .agreement import StepWindow, agree
 from .checkpoint import save_checkpoint
+from .epochs import epoch_batches
+from .loader import BAD_ROW_WINDOW, BadRowWindow
 from .step import distill_step, step_generator
 from .validation import run_validation
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from .recipe import Training
 
 logger = logging.getLogger(__name__)
+VANISHED = " (files deleted or changed during the run?)"
 
 
 class TrainingError(RuntimeError):
@@ -72,6 +75,7 @@ class _Progress:
     window: StepWindow
     stop: InterruptFlag
     bar: Any
+    bad_rows: BadRowWindow | None = None  # map-style: files that vanish mid-run (a stream judges itself)
     last_log_time: float = field(default_factory=time.perf_counter)
 
 
@@ -90,32 +94,27 @@ def train_loop(tr: Training) -> Stats:
         disable=not tr.accelerator.is_local_main_process,
     )
     window = StepWindow(tr.components.noise_scheduler.config.num_train_timesteps, tr.accelerator.device)
-    run = _Progress(stats, window, InterruptFlag(config.save_on_interrupt), bar)
+    vanished = (
+        None
+        if tr.sampler is None
+        else BadRowWindow(config.max_bad_fraction, min(BAD_ROW_WINDOW, len(tr.sampler)), VANISHED)
+    )
+    run = _Progress(stats, window, InterruptFlag(config.save_on_interrupt), bar, vanished)
     start_time = time.perf_counter()
     tr.student.train()
-    epoch, skip = schedule.resume_point(tr.start_step)
-    while stats.global_step < schedule.max_steps and not stats.interrupted:
-        # Not named set_epoch: accelerate's loader calls set_epoch(times iterated), which
-        # differs from the epoch after a resume (the resumed epoch runs in a skipping loader).
-        for holder in (tr.sampler, tr.dataset):
-            if hasattr(holder, "select_epoch"):
-                holder.select_epoch(epoch)
-        loader = tr.accelerator.skip_first_batches(tr.dataloader, skip) if skip else tr.dataloader
-        micro_step = schedule.micro_step(epoch, skip, stats.global_step)
-        skip = 0
-        for batch in loader:
-            micro_step += 1
-            stats.skipped_rows += int(batch.get("bad_rows", 0))
+    batches = epoch_batches(tr.accelerator, tr.dataloader, (tr.sampler, tr.dataset), schedule, tr.start_step)
+    try:
+        while stats.global_step < schedule.max_steps and not stats.interrupted:
+            micro_step, batch = next(batches)
             _micro_step(tr, run, batch, micro_step)
             if not tr.accelerator.sync_gradients:
                 continue
             stats.global_step += 1
             bar.update(1)
             _after_update(tr, run)
-            if stats.global_step >= schedule.max_steps or stats.interrupted:
-                break
-        epoch += 1
-    bar.close()
+    finally:  # an error message then starts on a line of its own, not after the progress bar
+        batches.close()
+        bar.close()
     stats.seconds = time.perf_counter() - start_time
     stats.steps_per_second = (stats.global_step - tr.start_step) / stats.seconds if stats.seconds > 0 else 0.0
     if tr.accelerator.device.type == "cuda":
@@ -136,6 +135,7 @@ def _micro_step(tr: Training, run: _Progress, batch: dict[str, Any], micro_step:
         gen = step_generator(tr.seed, micro_step, acc.process_index, acc.device)
         per_sample, t = distill_step(batch, tr.student, tr.teacher, tr.source, tr.target, tr.loss, gen)
         run.window.add(per_sample, t)
+        run.window.count_rows(batch)
         acc.backward(per_sample.mean())
         if acc.sync_gradients:
             run.window.end_update(_guard_update(tr, run.window.step_bad))
@@ -174,6 +174,9 @@ def _agree_and_log(tr: Training, run: _Progress) -> None:
     stats, step, steps = run.stats, run.stats.global_step, run.window.steps
     agreed = agree(tr.accelerator, run.window, run.stop.requested)
     stats.skipped_nonfinite, stats.interrupted = agreed.skipped, agreed.stop
+    stats.skipped_rows += agreed.bad_rows  # unreadable rows on every rank, judged alike by all
+    if run.bad_rows is not None:
+        run.bad_rows.add(agreed.rows, agreed.bad_rows)
     if agreed.consecutive >= tr.config.max_consecutive_nonfinite:
         raise TrainingError(
             f"the loss was non-finite (NaN/inf) for at least {tr.config.max_consecutive_nonfinite} steps in a row "

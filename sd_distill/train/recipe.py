@@ -9,7 +9,6 @@ the teacher's guided prediction there, and the student learns it in one conditio
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +23,9 @@ from ..constants import CONFIG_FILE_NAME
 from ..lora import adapter_disabled, attach_lora
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step, resolve_resume
-from .config import ConfigError, TrainConfig, config_errors, raise_if_any, resolve_auto_cache
-from .data import EpochShuffleSampler, TrainData, build_train_data, collate
+from .checks import config_errors, raise_if_any
+from .config import ConfigError, TrainConfig
+from .data import TrainData
 from .distributed import (
     accelerator_errors,
     is_deepspeed,
@@ -34,7 +34,9 @@ from .distributed import (
     setup_logging,
     warn_about_zero3,
 )
+from .inputs import cached_dataset, make_dataloader, read_data
 from .launch import apply_to_deepspeed, check_prepared, resolve_launch
+from .loader import EpochShuffleSampler
 from .loop import Stats, train_loop
 from .outputs import clear_previous_run, output_dir_errors, save_final, write_summary
 from .schedule import Schedule
@@ -96,28 +98,19 @@ def setup(config: TrainConfig) -> Training:
     config, accelerator, resume_from = _preflight(config)
     seed = config.seed if config.seed is not None else 0
     set_seed(seed)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     # data first: bad data should fail before minutes of model loading
-    data = build_train_data(config, show_progress=accelerator.is_local_main_process)
-    config = resolve_auto_cache(config, data.num_rows)  # decided from the data; never changed again
+    config, data, vae, latents = read_data(config, accelerator, weight_dtype)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if config.overwrite_output_dir and resume_from is None:
             clear_previous_run(Path(config.output_dir))
 
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    components, trainable_params, separate_teacher = _setup_models(config, accelerator, weight_dtype)
+    components, trainable_params, separate_teacher = _setup_models(config, accelerator, weight_dtype, vae)
     uncond_emb = encode_prompts(components.tokenizer, components.text_encoder, [""])  # [1, 77, D], once
-    dataset = _setup_dataset(config, data, components, accelerator)
+    dataset = cached_dataset(config, data, components, accelerator, latents)
     sampler = None if config.streaming else EpochShuffleSampler(len(dataset), seed)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.train_batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=config.dataloader_num_workers,
-        drop_last=False,
-        generator=torch.Generator().manual_seed(seed),  # keeps iterator creation off the global RNG
-    )
+    dataloader = make_dataloader(config, dataset, sampler, seed, accelerator.device)
     schedule = Schedule.plan(
         rows=None if config.streaming else len(dataset),
         batch_size=config.train_batch_size,
@@ -199,10 +192,11 @@ def _preflight(config: TrainConfig) -> tuple[TrainConfig, Any, Path | None]:
 
 
 def _setup_models(
-    config: TrainConfig, accelerator: Any, weight_dtype: torch.dtype
+    config: TrainConfig, accelerator: Any, weight_dtype: torch.dtype, vae: Any = None
 ) -> tuple[Components, list[torch.nn.Parameter], torch.nn.Module | None]:
     """The frozen components in place, the student's LoRA attached (fp32), the separate teacher if any."""
-    components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
+    components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant, vae)
+    raise_if_any(lora_target_errors(components.unet, config.lora_target_modules))  # before peft's own error
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     place(components.vae, accelerator.device, weight_dtype)
@@ -230,36 +224,23 @@ def _setup_models(
     return components, trainable_params, separate_teacher
 
 
-def _setup_dataset(config: TrainConfig, data: TrainData, components: Components, accelerator: Any) -> Any:
-    """The training rows, with latents and/or text embeddings from the cache when it is on."""
-    if not (config.cache_latents or config.cache_text_embeddings):
-        return data.dataset
-    from .cache import build_cached_dataset
-
-    what = [
-        name
-        for name, on in (("latents", config.cache_latents), ("text embeddings", config.cache_text_embeddings))
-        if on
+def lora_target_errors(unet: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Each ``--lora_target_modules`` name that matches no module, as peft matches them (the whole
+    name or its last dotted parts), with names that do exist."""
+    names = [name for name, _ in unet.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    suffixes: dict[str, None] = {}  # ordered set: the UNet's own order
+    for name, module in unet.named_modules():
+        if isinstance(module, layers):
+            parts = name.split(".")
+            suffixes[".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]] = None
+    return [
+        f"--lora_target_modules {' '.join(missing)}: no UNet module has that name; its layers are named "
+        f"e.g. {', '.join(list(suffixes)[:10])}."
     ]
-    logger.info("caching %s", " and ".join(what))
-    dataset = build_cached_dataset(config, data.dataset, components, accelerator)
-    if config.cache_latents and config.cache_text_embeddings:
-        _release_encoders(components, keep=bool(config.prompts_for_validation))
-    return dataset
-
-
-def _release_encoders(components: Components, keep: bool) -> None:
-    """With everything cached the loop never runs the VAE or text encoder: free them (peak RAM
-    0.73x on SD-2.1, BENCHMARKS.md row 4), or, when validation still needs them, park them in
-    CPU memory while training on a GPU (validation brings them back)."""
-    if not keep:
-        components.vae = components.text_encoder = None  # type: ignore[assignment]
-        gc.collect()
-    elif torch.cuda.is_available():
-        components.vae.to("cpu"), components.text_encoder.to("cpu")
-        components.encoders_parked = True
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _setup_optimizer(

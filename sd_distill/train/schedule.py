@@ -6,6 +6,7 @@ data has epochs of ``batches_per_epoch`` micro-steps; a stream (``batches_per_ep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,17 +39,22 @@ class Schedule:
     def updates_per_epoch(self) -> int | None:
         return None if self.batches_per_epoch is None else math.ceil(self.batches_per_epoch / self.accumulation)
 
+    def with_epoch_length(self, batches: int) -> Schedule:
+        """A stream's schedule once it has been read through: a pass is an epoch of ``batches``."""
+        return dataclasses.replace(self, batches_per_epoch=batches)
+
     def resume_point(self, global_step: int) -> tuple[int, int]:
-        """``(epoch, batches to skip in it)`` where a run that has made ``global_step`` updates goes on."""
+        """``(epoch, batches to skip in it)`` where a run that has made ``global_step`` updates goes on.
+        For a stream of unknown length that is in its first pass; if the stream turns out shorter,
+        place the point again with :meth:`with_epoch_length`."""
         updates = self.updates_per_epoch
-        if not updates:  # a stream has no epochs: skip what was already consumed
+        if not updates:
             return 0, global_step * self.accumulation
         epoch = global_step // updates
         return epoch, (global_step - epoch * updates) * self.accumulation
 
-    def micro_step(self, epoch: int, batches_done: int, global_step: int) -> int:
+    def micro_step(self, epoch: int, batches_done: int) -> int:
         """The micro-batch counter an uninterrupted run has reached after ``batches_done`` batches of
-        ``epoch`` (it seeds each micro-batch's noise, so a resumed run draws the same)."""
-        if self.batches_per_epoch:
-            return epoch * self.batches_per_epoch + batches_done
-        return global_step * self.accumulation
+        ``epoch`` (it seeds each micro-batch's noise, so a resumed run draws the same). A stream is
+        in epoch 0 until its length is known."""
+        return epoch * (self.batches_per_epoch or 0) + batches_done

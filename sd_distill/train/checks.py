@@ -1,0 +1,227 @@
+"""Every check of a run's flags that needs no model and no data, each problem one message, all
+reported together (``config_errors``); what the accelerator, the data and the output folder reveal
+is checked in the recipe's preflight and added to the same message."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..constants import DATA_SUFFIXES, DEFAULT_BASE_MODEL
+from .config import ConfigError, TrainConfig
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise one :class:`ConfigError` listing every problem :func:`config_errors` finds."""
+    raise_if_any(config_errors(config))
+
+
+def raise_if_any(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+
+
+def config_errors(config: TrainConfig) -> list[str]:
+    """Everything that can be checked without loading a model or data, as one message each."""
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    _check_finite(config, need)
+    _check_values(config, need)
+    _check_optimiser(config, need)
+    _check_loop(config, need)
+    _check_sources(config, need)
+    _check_outputs(config, need)
+    return errors
+
+
+Need = Callable[[bool, str], None]  # need(ok, message): records message unless ok
+
+
+def _check_finite(c: TrainConfig, need: Need) -> None:
+    """NaN or inf in a float flag would pass a range check written as ``not x < 0``."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            need(False, f"--{f.name} {value} is not a finite number.")
+
+
+def _check_optimiser(c: TrainConfig, need: Need) -> None:
+    """AdamW, clipping, warm-up and the seed: what torch or numpy would reject only mid-setup."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(c, name)
+        need(0 <= value < 1, f"--{name} {value} must be in [0, 1) (AdamW's decay rates; 0.9 and 0.999 are usual).")
+    # zero epsilon divides 0 by 0 for LoRA's A weights, whose gradients start at zero (B starts at zero)
+    need(c.adam_epsilon > 0, f"--adam_epsilon {c.adam_epsilon} must be positive (1e-8 is usual).")
+    need(c.adam_weight_decay >= 0, f"--adam_weight_decay {c.adam_weight_decay} must be 0 or more.")
+    need(c.lr_warmup_steps >= 0, f"--lr_warmup_steps {c.lr_warmup_steps} must be 0 or more.")
+    need(c.huber_c > 0, f"--huber_c {c.huber_c} must be positive.")
+    need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora_alpha {c.lora_alpha} must be positive.")
+    need(
+        c.max_consecutive_nonfinite >= 1,
+        f"--max_consecutive_nonfinite {c.max_consecutive_nonfinite} must be at least 1.",
+    )
+    need(
+        c.num_validation_inference_steps >= 1,
+        f"--num_validation_inference_steps {c.num_validation_inference_steps} must be at least 1.",
+    )
+    need(
+        c.seed is None or 0 <= c.seed < 2**32,
+        f"--seed {c.seed} must be in [0, 2**32) (numpy's seed range; the data order and crops use it too).",
+    )
+
+
+def _check_outputs(c: TrainConfig, need: Need) -> None:
+    """Folders the run writes into: found to be files only at the first save otherwise."""
+    for flag, value in (("--output_dir", c.output_dir), ("--cache_dir", c.cache_dir)):
+        if value is not None:
+            need(not Path(value).exists() or Path(value).is_dir(), f"{flag} {value!r} is a file, not a folder.")
+    if c.export_fused_pipeline is not None:
+        export = Path(c.export_fused_pipeline)
+        need(
+            not export.exists() or export.is_dir(),
+            f"--export_fused_pipeline {str(export)!r} is a file, not a folder.",
+        )
+        need(
+            export.resolve() != Path(c.output_dir).resolve(),
+            "--export_fused_pipeline must be another folder than --output_dir (the LoRA folder).",
+        )
+
+
+def _check_values(c: TrainConfig, need: Need) -> None:
+    """Numbers out of range and settings that cannot go together."""
+    need(
+        c.resolution > 0 and c.resolution % 8 == 0,
+        f"--resolution {c.resolution} is not a positive multiple of 8 (the VAE downsamples by 8); "
+        f"try {max(8, round(c.resolution / 8) * 8)}.",
+    )
+    need(c.train_batch_size >= 1, f"--train_batch_size {c.train_batch_size} must be at least 1.")
+    need(
+        c.max_train_steps is None or c.max_train_steps >= 1,
+        f"--max_train_steps {c.max_train_steps} must be at least 1.",
+    )
+    need(c.num_train_epochs >= 1, f"--num_train_epochs {c.num_train_epochs} must be at least 1.")
+    need(c.learning_rate > 0, f"--learning_rate {c.learning_rate} must be positive.")
+    need(c.lora_rank >= 1, f"--lora_rank {c.lora_rank} must be at least 1.")
+    need(0 <= c.lora_dropout < 1, f"--lora_dropout {c.lora_dropout} must be in [0, 1).")
+    need(0 <= c.caption_dropout <= 1, f"--caption_dropout {c.caption_dropout} must be in [0, 1].")
+    need(0 <= c.max_bad_fraction <= 1, f"--max_bad_fraction {c.max_bad_fraction} must be in [0, 1].")
+    need(
+        c.guidance_scale >= 1,
+        f"--guidance_scale {c.guidance_scale} below 1 is not classifier-free guidance; the seed and SD use 7.5.",
+    )
+    if c.guidance_scale_range is not None:
+        low, high = c.guidance_scale_range
+        need(1 <= low < high, f"--guidance_scale_range {low:g} {high:g} must satisfy 1 <= W_MIN < W_MAX (e.g. 2 12).")
+        need(False, "--guidance_scale_range: saving the guidance projection is not wired in yet (work in progress).")
+    need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")
+    need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
+    need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")
+    need(c.validation_steps >= 1, f"--validation_steps {c.validation_steps} must be at least 1.")
+    need(
+        c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+        f"--checkpoints_total_limit {c.checkpoints_total_limit} must be at least 1.",
+    )
+    need(
+        c.max_train_samples is None or c.max_train_samples >= 1,
+        f"--max_train_samples {c.max_train_samples} must be at least 1.",
+    )
+    need(
+        c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
+        f"--dataloader_num_workers {c.dataloader_num_workers} must be 0 or more.",
+    )
+    need(
+        c.report_to in ("tensorboard", "wandb", "all", "none"),
+        f"--report_to {c.report_to!r}: choose tensorboard, wandb, all or none.",
+    )
+    need(
+        not (c.streaming and (c.cache_latents or c.cache_text_embeddings)),
+        "--streaming cannot be combined with --cache_latents/--cache_text_embeddings (a stream is read once); "
+        "drop one.",
+    )
+    need(
+        not c.streaming or c.max_train_steps is not None,
+        "--streaming needs --max_train_steps (a stream has no known length, so epochs cannot be counted).",
+    )
+
+
+def _check_loop(c: TrainConfig, need: Need) -> None:
+    """Accumulation, clipping, how often the ranks agree, and how long they wait for each other."""
+    need(
+        c.gradient_accumulation_steps is None or c.gradient_accumulation_steps >= 1,
+        f"--gradient_accumulation_steps {c.gradient_accumulation_steps} must be at least 1.",
+    )
+    need(c.max_grad_norm is None or c.max_grad_norm >= 0, f"--max_grad_norm {c.max_grad_norm} must be 0 (off) or more.")
+    need(c.logging_steps >= 1, f"--logging_steps {c.logging_steps} must be at least 1.")
+    need(c.ddp_timeout >= 1, f"--ddp_timeout {c.ddp_timeout} must be at least 1 second.")
+
+
+def _check_sources(c: TrainConfig, need: Need) -> None:
+    """Data, model and checkpoint paths that do not exist or are not what they should be."""
+    need(
+        c.dataset_name is not None or c.train_data_dir is not None,
+        "no training data: give --dataset_name (hub id, folder or data files) "
+        "or --train_data_dir (image folder with metadata.jsonl).",
+    )
+    need(
+        c.dataset_name is None or c.train_data_dir is None, "give either --dataset_name or --train_data_dir, not both."
+    )
+    if c.train_data_dir is not None:
+        need(Path(c.train_data_dir).is_dir(), f"--train_data_dir {c.train_data_dir!r} is not a folder.")
+    if c.dataset_name is not None and _looks_local(c.dataset_name):
+        need(
+            _local_data_exists(c.dataset_name),
+            f"--dataset_name {c.dataset_name!r} looks like a local path but nothing is there.",
+        )
+    if _looks_local(c.pretrained_model_name_or_path):
+        model = Path(c.pretrained_model_name_or_path)
+        need(
+            model.exists(),
+            f"--pretrained_model_name_or_path {str(model)!r} does not exist; "
+            f"give a local diffusers pipeline folder or a hub id such as {DEFAULT_BASE_MODEL}.",
+        )
+        need(
+            not model.exists() or (model / "model_index.json").is_file(),
+            f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder "
+            "(no model_index.json); save one with pipeline.save_pretrained().",
+        )
+    if c.resume_from_checkpoint not in (None, "latest"):
+        need(
+            Path(c.resume_from_checkpoint).is_dir(),
+            f"--resume_from_checkpoint {c.resume_from_checkpoint!r} is not a folder; "
+            "give a checkpoint-<step> folder or 'latest'.",
+        )
+    if c.report_to in ("wandb", "all"):
+        import importlib.util
+
+        need(
+            importlib.util.find_spec("wandb") is not None,
+            f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).",
+        )
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is 'name' or 'owner/name'; anything else (or an existing path) is a local path."""
+    if os.path.exists(name):
+        return True
+    if "://" in name:  # hf://, s3://, https:// data files: remote, read by datasets/fsspec
+        return False
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or "*" in name
+        or Path(name).suffix in DATA_SUFFIXES
+    )
+
+
+def _local_data_exists(name: str) -> bool:
+    import glob
+
+    return os.path.exists(name) or bool(glob.glob(os.path.expanduser(name)))

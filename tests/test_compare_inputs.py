@@ -1,0 +1,132 @@
+"""The comparison loop's inputs are checked before any model loads, and its --out_dir is written
+without replacing a file it did not write."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sd_distill.eval.config import CompareConfig, CompareError, resolve
+from sd_distill.eval.outdir import MANIFEST, write_atomic
+
+
+def _config(lora: Path, tmp_path: Path, **kw: object) -> CompareConfig:
+    return CompareConfig(ft_model=str(lora), out_dir=str(tmp_path / "o"), prompts=["a cat"], **kw)  # type: ignore[arg-type]
+
+
+def _lora_with(tmp_path: Path, lora: Path, **recorded: object) -> Path:
+    """A copy of ``lora`` whose sd_distill_config.json records ``recorded`` on top of the original."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes((lora / "pytorch_lora_weights.safetensors").read_bytes())
+    saved = json.loads((lora / "sd_distill_config.json").read_text())
+    (folder / "sd_distill_config.json").write_text(json.dumps({**saved, **recorded}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"device": "banana"}, "--device 'banana' is not a device"),
+        ({"device": "meta"}, "renders on cpu, cuda or mps"),
+        ({"seed": -1}, "--seed -1 must be in [0, 2**64)"),
+        ({"guidance_scale": 0.5}, "--guidance_scale 0.5 must be a number of at least 1"),
+        ({"ft_guidance_scale": float("nan")}, "--ft_guidance_scale nan"),
+        ({"scheduler": "pndm", "num_inference_steps": 3}, "PNDM without skip_prk_steps needs"),
+        ({"num_inference_steps": 0}, "--num_inference_steps must be >= 1"),
+    ],
+)
+def test_bad_flags_are_refused_before_loading(tiny_lora_dir: Path, tmp_path: Path, kw: dict, words: str) -> None:
+    with pytest.raises(CompareError) as err:
+        resolve(_config(tiny_lora_dir, tmp_path, **kw))
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pndm_with_four_steps_is_fine(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    resolve(_config(tiny_lora_dir, tmp_path, scheduler="pndm", num_inference_steps=4))
+
+
+def test_a_scheduler_whose_package_is_missing(tiny_lora_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(CompareError, match=r"--scheduler lms needs the scipy package: pip install scipy"):
+        resolve(_config(tiny_lora_dir, tmp_path, scheduler="lms"))
+
+
+@pytest.mark.parametrize(
+    "recorded, words",
+    [
+        ({"guidance_scale": "seven"}, "records guidance_scale 'seven', not a number"),
+        ({"guidance_scale": True}, "records guidance_scale True"),
+        ({"guidance_scale": float("inf")}, "records guidance_scale inf"),
+        ({"revision": 3}, "records revision 3, not a string"),
+    ],
+)
+def test_a_recorded_config_that_is_not_usable(tiny_lora_dir: Path, tmp_path: Path, recorded: dict, words: str) -> None:
+    with pytest.raises(CompareError, match="pass --"):
+        try:
+            resolve(_config(_lora_with(tmp_path, tiny_lora_dir, **recorded), tmp_path))
+        except CompareError as err:
+            assert words in str(err)
+            raise
+
+
+def test_a_prompts_file_that_is_not_utf8(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a caf\u00e9\n".encode("latin-1"))
+    config = CompareConfig(ft_model=str(tiny_lora_dir), out_dir=str(tmp_path / "o"), prompts_file=str(prompts))
+    with pytest.raises(CompareError, match=r"is not UTF-8 text \(byte 0xe9 at offset 5\); save it as UTF-8"):
+        resolve(config)
+
+
+def test_an_out_dir_that_is_a_file_or_read_only(tiny_lora_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "o").write_text("a file")
+    with pytest.raises(CompareError, match="is a file, not a folder"):
+        resolve(_config(tiny_lora_dir, tmp_path))
+    with pytest.raises(CompareError, match=r"cannot be created: .* is a file"):
+        resolve(CompareConfig(ft_model=str(tiny_lora_dir), out_dir=str(tmp_path / "o" / "sub"), prompts=["a"]))
+    (tmp_path / "o").unlink()
+    (tmp_path / "o").mkdir()
+    import sd_distill.eval.outdir as outdir
+
+    monkeypatch.setattr(outdir.os, "access", lambda *a: False)  # root may write anywhere: pretend
+    with pytest.raises(CompareError, match="is not writable"):
+        resolve(_config(tiny_lora_dir, tmp_path))
+
+
+def test_files_it_did_not_write_are_never_replaced(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.eval.compare import run
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "grid.png").write_text("my own grid")
+    config = _config(tiny_lora_dir, tmp_path, num_inference_steps=2)
+    with pytest.raises(CompareError, match=r"holds files this tool did not write and would replace: grid.png"):
+        run(config)
+    (out / "grid.png").unlink()
+    report = run(config)
+    again = run(config)  # its own files: replaced without a question
+    assert again["images"] == report["images"]
+    assert (out / "notes.txt").read_text() == "mine"
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"notes.txt", MANIFEST}
+    assert written == set(json.loads((out / MANIFEST).read_text())["files"])
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def fill_disk(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CompareError, match=r"no space left on the device writing .*report.json \(\d+ MB free"):
+        write_atomic(target, fill_disk)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
