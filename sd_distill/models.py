@@ -48,11 +48,10 @@ def _zero3_init_disabled() -> Iterator[None]:
     transformers whenever the stage is 3 (whatever ``zero3_init_flag`` says), and transformers then
     partitions every model it loads; only the trained UNet is handed to DeepSpeed, so the frozen
     text encoder must not be partitioned. The registration is restored afterwards."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    state = AcceleratorState()
-    plugin = state.deepspeed_plugin if state.initialized else None
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None  # no accelerator: nothing to lift
     if plugin is None or not is_deepspeed_zero3_enabled():
         yield
         return

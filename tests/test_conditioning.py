@@ -116,3 +116,38 @@ def test_a_fused_student_samples_any_scale_in_one_pass_in_stock_diffusers(tiny_m
     low, high, again = image(2.0), image(10.0), image(2.0)
     assert calls == [1] * 3 * 3  # 3 images x 3 steps, each one UNet call of batch 1
     assert (low - high).abs().max() > 1e-3 and torch.equal(low, again)  # the scale reaches the student
+
+
+def test_the_comparison_at_several_scales_writes_a_section_per_scale_and_the_curve(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from sd_distill.eval.compare import CompareConfig, run
+
+    student = tmp_path / "student"
+    _trained_student(tiny_model_dir, student)
+    (student / "sd_distill_config.json").write_text(
+        json.dumps({"pretrained_model_name_or_path": str(tiny_model_dir), "guidance_scale": 7.5})
+    )
+    out = tmp_path / "compare"
+    report = run(
+        CompareConfig(
+            ft_model=str(student),
+            out_dir=str(out),
+            prompts=["a red circle", "a blue square"],
+            num_inference_steps=2,
+            seed=0,
+            guidance_scales=[2.0, 7.5],
+            also_base_without_cfg=True,
+        )
+    )
+    cols = {c["key"]: c for c in report["columns"]}
+    assert cols["distilled_g2"]["unet_evals_per_image"] == 2 and cols["base_cfg_g2"]["unet_evals_per_image"] == 4
+    assert [s["guidance_scale"] for s in report["per_scale"]] == [2.0, 7.5] and report["student_conditioned"]
+    assert all("distilled_vs_base_cfg" in s["fidelity"] for s in report["per_scale"])
+    assert (out / "guidance_curve.png").stat().st_size > 0 and json.loads((out / "report.json").read_text())[
+        "per_scale"
+    ]
+    low, high = (out / "distilled_g2").glob("*.png"), (out / "distilled_g7.5").glob("*.png")
+    assert any(a.read_bytes() != b.read_bytes() for a, b in zip(sorted(low), sorted(high), strict=True))

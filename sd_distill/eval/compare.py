@@ -28,9 +28,10 @@ from typing import Any
 
 from .config import CompareConfig, CompareError, column_keys, parse_args, resolve
 from .outdir import claim, planned_files
-from .pipelines import UNetCounter, load_pipelines
+from .pipelines import load_pipelines
 from .render import Column, sample
 from .report import build_report, columns_report, save_images, write_report
+from .scales import build_columns, per_scale, write_curve
 from .scores import load_scorer, score
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,7 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
     state, device = _process_state(config)
     base, distilled = load_pipelines(res, config, device)
-    base_counter, distilled_counter = UNetCounter(base.unet), UNetCounter(distilled.unet)
-    columns = [  # keys as config.column_keys names them (the output folder was checked for those)
-        Column("base_cfg", "base (CFG)", base, res.guidance_scale, base_counter),
-        Column("distilled", "distilled", distilled, config.ft_guidance_scale, distilled_counter),
-    ]
-    if config.also_base_without_cfg:
-        columns.append(Column("base_nocfg", "base (no CFG)", base, 1.0, base_counter))
+    columns = build_columns(res, config, base, distilled)  # under the keys the output folder was checked for
     logger.info(
         "comparing %s (%s) with base %s (%s) on %d prompts, %s %s, %d process(es)",
         res.ft_path,
@@ -71,7 +66,8 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
     report: list[Any] = [None]
     if state.is_main_process:
-        claim(Path(config.out_dir), planned_files(res.prompts, column_keys(config)))
+        keys = column_keys(config, res.conditioned, res.guidance_scales)
+        claim(Path(config.out_dir), planned_files(res.prompts, keys, curve=res.guidance_scales is not None))
         report[0] = _assemble(columns, records, res, config, device, state.num_processes, scorer)
         logger.info("wrote %s", Path(config.out_dir) / "grid.png")
     if state.num_processes > 1:
@@ -108,12 +104,60 @@ def _assemble(
     by = {(r["index"], r["column"]): r["image"] for r in records}
     images = {c.key: [by[(i, c.key)] for i in range(len(res.prompts))] for c in columns}
     files = save_images(images, columns, res.prompts, out, config.num_inference_steps)
-    scores = score(images, res.prompts, config, scorer)
     cols = columns_report(columns, records, config, device)
-    report = build_report(
-        res, config, columns, cols, scores, files, images["base_cfg"][0].shape[:2], device, num_processes
-    )
+    size = next(iter(images.values()))[0].shape[:2]
+    if res.guidance_scales is None:
+        scores = score(images, res.prompts, config, scorer)
+        report = build_report(res, config, columns, cols, scores, files, size, device, num_processes)
+    else:
+        report = _scales_report(res, config, columns, cols, images, files, size, device, num_processes, scorer, out)
     write_report(report, out)
+    return report
+
+
+def _scales_report(
+    res: Any,
+    config: CompareConfig,
+    columns: list[Column],
+    cols: list[dict],
+    images: dict[str, list[Any]],
+    files: list,
+    size: tuple[int, int],
+    device: Any,
+    num_processes: int,
+    scorer: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """The report with a section per guidance scale and the curve (``--guidance_scales``)."""
+    from .metrics import clip_score
+
+    adherence = scorer(images, res.prompts) if scorer is not None else None
+    sections = per_scale(res, images, adherence, {c["key"]: c["seconds_per_image_median"] for c in cols})
+    first = sections[0]["columns"]
+    clip_value, clip_reason = clip_score(images[first["distilled"]], res.prompts, config.clip_model)
+    scores = {
+        "fidelity": sections[0]["fidelity"],
+        "adherence": adherence,
+        "clip_score": {"value": clip_value, "reason": clip_reason},
+    }
+    report = build_report(
+        res,
+        config,
+        columns,
+        cols,
+        scores,
+        files,
+        size,
+        device,
+        num_processes,
+        speed_pair=(first["base_cfg"], first["distilled"]),
+    )
+    report.update(
+        guidance_scales=res.guidance_scales,
+        student_conditioned=res.conditioned,
+        per_scale=sections,
+        guidance_curve=write_curve(res, sections, out),
+    )
     return report
 
 

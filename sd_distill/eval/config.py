@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..constants import CONFIG_FILE_NAME, DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DTYPE_NAMES, LORA_WEIGHTS_NAME
+from ..constants import (
+    CONFIG_FILE_NAME,
+    DEFAULT_BASE_MODEL,
+    DEFAULT_GUIDANCE_SCALE,
+    DTYPE_NAMES,
+    GUIDANCE_PROJ_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+)
 from ..options import build_parser as _build_parser
 from ..options import option
 from .prompts import DEFAULT_PROMPTS, read_prompts_file
@@ -54,7 +61,17 @@ class CompareConfig:
     guidance_scale: Optional[float] = option(
         None, f"The base's CFG scale; default: the one recorded by training, else {DEFAULT_GUIDANCE_SCALE}."
     )
-    ft_guidance_scale: float = option(1.0, "The distilled model's scale; 1.0 = one UNet pass per step.")
+    ft_guidance_scale: float = option(
+        1.0,
+        "A fixed-w student's scale; 1.0 = one UNet pass per step. A w-conditioned student is sampled at the "
+        "base's scale(s), one pass per step all the same.",
+    )
+    guidance_scales: Optional[list[float]] = option(
+        None,
+        "Several scales, e.g. 2 4 7.5 10: the base with CFG and a w-conditioned student at each (a fixed-w student "
+        "at its one scale), a report section per scale and guidance_curve.png. Overrides --guidance_scale.",
+        nargs="+",
+    )
     also_base_without_cfg: bool = option(False, "Add a third column: the base at guidance 1.")
     prompts: Optional[list[str]] = option(
         None, "Prompts; default: --prompts_file, else the seed's ten prompts.", nargs="+"
@@ -102,6 +119,8 @@ class Resolved:
     dtype: str
     device: str | None
     recorded: dict[str, Any] = field(default_factory=dict)
+    guidance_scales: list[float] | None = None  # --guidance_scales: the several-scales report
+    conditioned: bool = False  # the student is told w (time_cond_proj_dim): sampled at any scale in one pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,9 +301,11 @@ def resolve(config: CompareConfig) -> Resolved:
     same_base = base == recorded.get("pretrained_model_name_or_path")
     _check_numbers(config)
     guidance, guidance_source = _guidance(config, recorded, ft)
+    scales = _guidance_scales(config)
+    conditioned = is_conditioned(ft, kind)
     prompts = _prompts(config)
     check_scheduler(config, base, recorded.get("revision") if same_base else None)
-    _check_out_dir(config, prompts)
+    _check_out_dir(config, prompts, column_keys(config, conditioned, scales), curve=scales is not None)
     return Resolved(
         ft_path=ft,
         ft_kind=kind,
@@ -298,18 +319,49 @@ def resolve(config: CompareConfig) -> Resolved:
         dtype=_dtype(config),
         device=config.device,
         recorded=recorded,
+        guidance_scales=scales,
+        conditioned=conditioned,
     )
 
 
-def column_keys(config: CompareConfig) -> list[str]:
-    """The report's columns, in grid order (``compare.run`` builds them under these keys)."""
-    return ["base_cfg", "distilled"] + (["base_nocfg"] if config.also_base_without_cfg else [])
+def scale_key(prefix: str, g: float) -> str:
+    return f"{prefix}_g{g:g}"
 
 
-def _check_out_dir(config: CompareConfig, prompts: list[str]) -> None:
+def column_keys(config: CompareConfig, conditioned: bool, scales: list[float] | None) -> list[str]:
+    """The report's columns, in grid order (``compare.run`` builds them under these keys): with several
+    scales the base with CFG and a w-conditioned student at each (a fixed-w student once)."""
+    tail = ["base_nocfg"] if config.also_base_without_cfg else []
+    if scales is None:
+        return ["base_cfg", "distilled", *tail]
+    students = [scale_key("distilled", g) for g in scales] if conditioned else ["distilled"]
+    return [scale_key("base_cfg", g) for g in scales] + students + tail
+
+
+def is_conditioned(ft: Path, kind: str) -> bool:
+    """A student told w: a LoRA folder with its guidance projection, or a fused UNet with time_cond_proj_dim."""
+    if kind == "lora":
+        return (ft / GUIDANCE_PROJ_WEIGHTS_NAME).is_file()
+    unet_config = ft / "unet" / "config.json"
+    try:
+        return json.loads(unet_config.read_text()).get("time_cond_proj_dim") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _guidance_scales(config: CompareConfig) -> list[float] | None:
+    if config.guidance_scales is None:
+        return None
+    bad = [g for g in config.guidance_scales if not (math.isfinite(g) and g >= 1)]
+    if bad:
+        raise CompareError(f"--guidance_scales {' '.join(f'{g:g}' for g in bad)}: each scale must be a number >= 1")
+    return list(dict.fromkeys(config.guidance_scales))  # in the order given, each once
+
+
+def _check_out_dir(config: CompareConfig, prompts: list[str], keys: list[str], curve: bool) -> None:
     from .outdir import out_dir_error, planned_files  # outdir needs CompareError from here
 
-    error = out_dir_error(Path(config.out_dir), planned_files(prompts, column_keys(config)))
+    error = out_dir_error(Path(config.out_dir), planned_files(prompts, keys, curve))
     if error:
         raise CompareError(error)
 

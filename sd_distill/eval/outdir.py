@@ -20,13 +20,14 @@ from .config import CompareError
 from .prompts import image_file_name
 
 REPORT_FILES = ("grid.png", "report.md", "report.json")
+CURVE_FILE = "guidance_curve.png"  # with several guidance scales
 MANIFEST = ".sd_distill_compare_files.json"
 
 
-def planned_files(prompts: list[str], column_keys: list[str]) -> list[str]:
+def planned_files(prompts: list[str], column_keys: list[str], curve: bool = False) -> list[str]:
     """Every file a run writes, relative to ``out_dir`` (images first, ``report.json`` last)."""
     images = [f"{key}/{image_file_name(i, p)}" for key in column_keys for i, p in enumerate(prompts)]
-    return images + list(REPORT_FILES)
+    return images + ([CURVE_FILE] if curve else []) + list(REPORT_FILES)
 
 
 def out_dir_error(out: Path, planned: list[str]) -> str | None:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..conditioning import load_guidance_projection
 from ..constants import LORA_WEIGHTS_NAME
 from .config import SCHEDULERS, CompareConfig, CompareError, Resolved
 
@@ -70,6 +71,7 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     distilled.set_progress_bar_config(disable=True)
     if res.ft_kind == "lora":
         _check_lora_fits(base.unet, res)
+        load_guidance_projection(distilled.unet, res.ft_path)  # a w-conditioned student's cond_proj, if any
         try:
             distilled.load_lora_weights(str(res.ft_path), weight_name=LORA_WEIGHTS_NAME)
         except (OSError, ValueError, RuntimeError) as exc:  # diffusers' message can be one line per layer

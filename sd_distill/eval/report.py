@@ -77,11 +77,13 @@ def build_report(
     image_size: tuple[int, int],
     device: Any,
     num_processes: int,
+    speed_pair: tuple[str, str] = ("base_cfg", "distilled"),
 ) -> dict:
     import diffusers
     import torch
 
     secs = {c["key"]: c["seconds_per_image_median"] for c in cols}
+    base_key, student_key = speed_pair
     h, w = image_size
     return {
         "prompts": res.prompts,
@@ -108,7 +110,7 @@ def build_report(
         "batch_size": config.batch_size,
         "num_processes": num_processes,
         "columns": cols,
-        "speed_ratio_distilled_over_base": secs["base_cfg"] / secs["distilled"],
+        "speed_ratio_distilled_over_base": secs[base_key] / secs[student_key],
         "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
         "fidelity": scores["fidelity"],
         "clip_score": scores["clip_score"],
@@ -158,7 +160,38 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("adherence"):
         lines += ["", "## Caption adherence", ""]
         lines += [f"- {key}: {score:.3f}" for key, score in report["adherence"].items()]
+    if report.get("per_scale"):
+        lines += _per_scale_markdown(report)
     clip = report["clip_score"]
     lines += [f"- CLIP score: {clip if clip['value'] is not None else 'n/a (' + str(clip['reason']) + ')'}", ""]
     lines += ["![grid](grid.png)", ""]
     return "\n".join(lines)
+
+
+def _per_scale_markdown(report: dict[str, Any]) -> list[str]:
+    kind = (
+        "w-conditioned (told g, one pass)" if report["student_conditioned"] else "fixed-w (rendered at its one scale)"
+    )
+    lines = [
+        "",
+        f"## Per guidance scale (student: {kind})",
+        "",
+        f"![guidance curve]({report['guidance_curve']})",
+        "",
+        "| g | student MSE to CFG(g) | base no-CFG MSE to CFG(g) | adherence CFG / student / no-CFG | "
+        "s/img CFG / student |",
+        "|---|---|---|---|---|",
+    ]
+    for s in report["per_scale"]:
+        fid, adh, sec = s["fidelity"], s["adherence"] or {}, s["seconds_per_image"]
+        nocfg = fid.get("base_nocfg_vs_base_cfg", {}).get("mse")
+        adherence = " / ".join(
+            "-" if adh.get(k) is None else f"{adh[k]:.2f}" for k in ("base_cfg", "distilled", "base_nocfg")
+        )
+        lines.append(
+            f"| {s['guidance_scale']:g} | {fid['distilled_vs_base_cfg']['mse']:.4f}"
+            f"{'' if s['student_rendered_at_this_scale'] else ' (other scale)'} | "
+            f"{'-' if nocfg is None else f'{nocfg:.4f}'} | {adherence} | "
+            f"{sec['base_cfg']:.3f} / {sec['distilled']:.3f} |"
+        )
+    return lines

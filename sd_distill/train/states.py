@@ -71,3 +71,23 @@ class NoisedImages:
         x_t = c.noise_scheduler.add_noise(latents, noise, t).to(self.weight_dtype)  # [B, 4, h, w]
         w = self.scales.draw(bsz, generator, device)
         return TrainingStates(x_t=x_t, t=t, cond=cond.to(self.weight_dtype), w=w)
+
+
+class StoredStates:
+    """States read from a trajectory buffer, each with the teacher's target stored beside it: a step
+    on them runs the student alone. ``prompt_embeddings`` ``[P, L, D]`` holds every prompt's embedding
+    (the buffer stores prompt indices); no caption dropout, since the target is the prompt's."""
+
+    def __init__(self, prompt_embeddings: torch.Tensor, weight_dtype: torch.dtype) -> None:
+        self.prompt_embeddings, self.weight_dtype = prompt_embeddings, weight_dtype
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> TrainingStates:
+        device = self.prompt_embeddings.device
+        cond = self.prompt_embeddings[batch["prompt"].to(device).long()]
+        return TrainingStates(
+            x_t=batch["states"].to(device, self.weight_dtype),
+            t=batch["t"].to(device).long(),
+            cond=cond.to(self.weight_dtype),
+            w=batch["w"].to(device).float(),
+            target=batch["targets"].to(device).float(),
+        )

@@ -1,0 +1,116 @@
+"""Guided trajectories as training states: the buffer is what stock diffusers samples, it resumes
+after a kill, and ranks split it without overlap."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_distill.models import encode_prompts, load_components
+from sd_distill.train.trajectories import TrajectorySpec, build_buffer, load_buffer, shard_path, walk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def _teacher(unet):
+    @contextmanager
+    def teacher():
+        yield unet
+
+    return teacher
+
+
+def _spec(components, steps: int = 4, shard_size: int = 2) -> TrajectorySpec:
+    return TrajectorySpec(
+        model="tiny",
+        scheduler=dict(components.noise_scheduler.config),
+        prompts_sha1="x",
+        num_prompts=len(PROMPTS),
+        trajectories_per_prompt=1,
+        steps=steps,
+        scales=(2.0, 9.0, "uniform"),
+        seed=0,
+        latent_shape=(4, 16, 16),
+        shard_size=shard_size,
+        driver="teacher",
+    )
+
+
+class _Ranks:
+    """The parts of an accelerator that buffer generation uses, for rank ``index`` of ``world``."""
+
+    def __init__(self, index: int = 0, world: int = 1) -> None:
+        self.process_index, self.num_processes = index, world
+        self.is_main_process = index == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_a_teacher_trajectory_is_the_stock_ddim_cfg_run(tiny_model_dir: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    components = load_components(str(tiny_model_dir))
+    cond = encode_prompts(components.tokenizer, components.text_encoder, PROMPTS[:1])
+    uncond = encode_prompts(components.tokenizer, components.text_encoder, [""])
+    out = walk(components, _teacher(components.unet), cond, uncond, torch.tensor([7.5]), [11], 4, (4, 16, 16))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[torch.Tensor] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(a[0][1:].clone()))  # the cond half of [u; c]
+    final = pipe(
+        PROMPTS[0],
+        guidance_scale=7.5,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+    ).images
+    assert torch.equal(out["states"].float(), torch.cat(seen).half().float())  # every visited state
+    # and the teacher's image comes back from the buffer: one more DDIM step from the last state
+    scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    scheduler.set_timesteps(4)
+    last = scheduler.step(out["targets"][-1:].float(), scheduler.timesteps[-1], out["states"][-1:].float()).prev_sample
+    assert (last - final).abs().max() < 1e-3 * final.abs().max()  # fp16 storage of the last state and target
+
+
+def _build(folder: Path, model: Path, ranks: _Ranks):
+    components = load_components(str(model))
+    spec = _spec(components)
+    uncond = encode_prompts(components.tokenizer, components.text_encoder, [""])
+
+    def embed(indices: list[int]) -> torch.Tensor:
+        return encode_prompts(components.tokenizer, components.text_encoder, [PROMPTS[i] for i in indices])
+
+    build_buffer(spec, folder, embed, components, _teacher(components.unet), uncond, ranks)
+    return spec
+
+
+def test_a_killed_generation_keeps_its_finished_shards_and_gives_the_same_buffer(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = _build(tmp_path / "full", tiny_model_dir, _Ranks())
+    full = load_buffer(tmp_path / "full", spec)
+    _build(tmp_path / "part", tiny_model_dir, _Ranks())
+    shard_path(tmp_path / "part", 1).unlink()  # as if killed before the last shard was written
+    kept = shard_path(tmp_path / "part", 0).stat().st_mtime_ns
+    _build(tmp_path / "part", tiny_model_dir, _Ranks())
+    assert shard_path(tmp_path / "part", 0).stat().st_mtime_ns == kept  # not generated again
+    resumed = load_buffer(tmp_path / "part", spec)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert len(full["t"]) == len(PROMPTS) * spec.steps and sorted(set(full["prompt"].tolist())) == [0, 1, 2]
+
+
+def test_two_ranks_split_the_shards_without_overlap_or_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = _build(tmp_path / "one", tiny_model_dir, _Ranks())
+    shared = tmp_path / "two"
+    _build(shared, tiny_model_dir, _Ranks(0, 2))  # rank 0 (main) writes the spec and its shards only
+    assert sorted(p.name for p in shared.glob("shard-*")) == ["shard-00000.safetensors"]
+    _build(shared, tiny_model_dir, _Ranks(1, 2))
+    assert sorted(p.name for p in shared.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    merged, single = load_buffer(shared, spec), load_buffer(tmp_path / "one", spec)
+    assert all(torch.equal(merged[k], single[k]) for k in single)
