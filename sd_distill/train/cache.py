@@ -105,7 +105,8 @@ def cached_latents(config: Any, table: Any, spec: DataSpec, vae: Any, accelerato
         loaded = load_file(str(path))
         scan = ScanReport(loaded["rows"].tolist(), int(meta["bad_images"]), int(meta["bad_captions"]), len(table))
         return LatentCache(loaded["latents"], scan)
-    channels, side = vae.config.latent_channels, spec.resolution // 8
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE
+    channels, side = vae.config.latent_channels, spec.resolution // scale
     per_row = channels * side * side * vae.dtype.itemsize + 8
     agree_on_error(accelerator, space_error(path.parent, len(table) * per_row, "latent cache"))
     start = time.perf_counter()

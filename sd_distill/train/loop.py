@@ -36,7 +36,7 @@ class Stats:
     global_step: int = 0
     final_loss: float = float("nan")
     skipped_nonfinite: int = 0
-    skipped_rows: int = 0  # rows whose image could not be decoded
+    skipped_rows: int = 0  # unreadable rows: found by the scan, then met while training (all ranks)
     empty_captions: int = 0  # rows trained on the empty prompt because their caption was unusable
     steps_per_second: float = 0.0
     seconds: float = 0.0
@@ -55,9 +55,9 @@ class Agreement:
     bad_rows: int = 0  # of them unreadable (skipped): every rank counts, and judges, the same
 
 
-def agree(accelerator: Any, loss: torch.Tensor, stop_requested: bool, batch: dict[str, Any] | None = None) -> Agreement:
-    bad = float(batch.get("bad_rows", 0)) if batch else 0.0
-    rows = float(len(batch["caption"])) + bad if batch else 0.0
+def agree(accelerator: Any, loss: torch.Tensor, stop_requested: bool, batch: dict[str, Any]) -> Agreement:
+    bad = float(batch.get("bad_rows", 0))
+    rows = float(len(batch["caption"])) + bad
     flags = torch.tensor(
         [float(not torch.isfinite(loss)), float(stop_requested), loss.detach().float().item(), rows, bad],
         device=accelerator.device,
@@ -125,7 +125,7 @@ class _Progress:
     window: LossWindow
     stop: InterruptFlag
     bar: Any
-    bad_rows: BadRowWindow | None = None  # map-style: files that vanish mid-run (a stream judges itself)
+    bad_rows: BadRowWindow | None = None  # see _vanished_rows_window
     consecutive_nonfinite: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
 
@@ -149,9 +149,7 @@ def train_loop(tr: Training) -> Stats:
         LossWindow(tr.components.noise_scheduler.config.num_train_timesteps),
         InterruptFlag(config.save_on_interrupt),
         bar,
-        None
-        if tr.sampler is None
-        else BadRowWindow(config.max_bad_fraction, min(BAD_ROW_WINDOW, len(tr.sampler)), VANISHED),
+        _vanished_rows_window(tr),
     )
     start_time = time.perf_counter()
     tr.student.train()
@@ -172,6 +170,14 @@ def train_loop(tr: Training) -> Stats:
     stats.interrupted = run.stop.requested
     run.stop.restore()
     return stats
+
+
+def _vanished_rows_window(tr: Training) -> BadRowWindow | None:
+    """Map-style sets were scanned, so their unreadable rows are files that vanished since; a stream
+    judges its rows itself as they go by (every rank reads all of them)."""
+    if tr.sampler is None:
+        return None
+    return BadRowWindow(tr.config.max_bad_fraction, min(BAD_ROW_WINDOW, len(tr.sampler)), VANISHED)
 
 
 def _micro_step(tr: Training, run: _Progress, batch: dict[str, Any], micro_step: int) -> None:
