@@ -191,3 +191,28 @@ def test_a_file_name_outside_the_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         build_train_data(_config(train_data_dir=str(folder)), show_progress=False)
     assert "'../../etc/passwd'" in str(err.value) and "An error occurred" not in str(err.value)
+
+
+def test_loader_workers_default_from_the_cpus_and_the_cache(monkeypatch) -> None:
+    import torch
+
+    import sd_distill.train.inputs as inputs
+    from sd_distill.train.loader import EpochShuffleSampler
+
+    monkeypatch.setattr(inputs, "_cpu_count", lambda: 8)
+    uncached = _config(train_data_dir="x", cache_latents=False)
+    assert inputs.resolve_workers(uncached, local_processes=2).dataloader_num_workers == 4
+    assert inputs.resolve_workers(uncached, local_processes=8).dataloader_num_workers == 1
+    assert inputs.resolve_workers(uncached, local_processes=1).dataloader_num_workers == 4  # at most 4
+    assert inputs.resolve_workers(uncached, 1, max_workers=1).dataloader_num_workers == 1  # a 1-shard stream
+    cached = _config(train_data_dir="x", cache_latents=True)
+    assert inputs.resolve_workers(cached, local_processes=1).dataloader_num_workers == 0  # rows are tensors
+    given = _config(train_data_dir="x", cache_latents=False, dataloader_num_workers=0)
+    assert inputs.resolve_workers(given, local_processes=1).dataloader_num_workers == 0
+
+    two = _config(train_data_dir="x", dataloader_num_workers=2)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4))
+    loader = inputs.make_dataloader(two, dataset, EpochShuffleSampler(4, 0), 0, torch.device("cuda"))
+    assert loader.persistent_workers and loader.pin_memory  # the epoch travels in the sampler's index
+    stream = inputs.make_dataloader(two, dataset, None, 0, torch.device("cpu"))
+    assert not stream.persistent_workers and not stream.pin_memory  # a stream's workers restart per epoch

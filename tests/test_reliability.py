@@ -65,8 +65,9 @@ def test_mostly_broken_data_stops_with_a_clear_message(tiny_model_dir: Path, tmp
 
     data = _broken_folder(tmp_path / "data")  # 2 of 10 unreadable = 20 % > 10 % default
     with pytest.raises(ConfigError, match=r"2 of 10 images .* cannot be decoded.*--max_bad_fraction"):
-        run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out")))
+        run(parse_args(train_args(tiny_model_dir, data, tmp_path / "out")))  # latents cached: that pass scans
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert not list(tmp_path.rglob("latents-*")), "a failing scan must not be kept as a cache"
 
 
 def _delete_images(folder: Path, names: list[str]):

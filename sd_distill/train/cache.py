@@ -105,7 +105,8 @@ def cached_latents(config: Any, table: Any, spec: DataSpec, vae: Any, accelerato
         loaded = load_file(str(path))
         scan = ScanReport(loaded["rows"].tolist(), int(meta["bad_images"]), int(meta["bad_captions"]), len(table))
         return LatentCache(loaded["latents"], scan)
-    channels, side = vae.config.latent_channels, spec.resolution // 8
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE
+    channels, side = vae.config.latent_channels, spec.resolution // scale
     per_row = channels * side * side * vae.dtype.itemsize + 8
     agree_on_error(accelerator, space_error(path.parent, len(table) * per_row, "latent cache"))
     start = time.perf_counter()
@@ -117,7 +118,8 @@ def cached_latents(config: Any, table: Any, spec: DataSpec, vae: Any, accelerato
     tensors = {"latents": torch.cat([p["latents"] for p in parts])[order], "rows": rows[order]}
     bad_images, bad_captions, _ = (int(v) for v in sum(p["counts"] for p in parts))
     meta = {"bad_images": str(bad_images), "bad_captions": str(bad_captions)}
-    _write(accelerator, path, tensors, meta, shared)
+    if len(order) and bad_images <= config.max_bad_fraction * len(table):  # a failing scan is not kept
+        _write(accelerator, path, tensors, meta, shared)
     logger.info(
         "cached the latents of %d rows in %.1f s (rows looked at per rank: %s) in %s",
         len(order), time.perf_counter() - start, [int(p["counts"][2]) for p in parts], path,
