@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
+from ..files import strict_json
 from .config import CompareConfig, CompareError, Resolved
 from .grid import make_grid
 from .prompts import image_file_name
@@ -120,7 +120,7 @@ def build_report(
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.json").write_text(strict_json(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
 
 
