@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .constants import LORA_WEIGHTS_NAME
+from .files import replace_atomically
 
 # Attention projections of every transformer block: the usual diffusers LoRA targets.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -108,17 +111,34 @@ def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
         yield
 
 
-def save_lora(state: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write ``state`` (from :func:`lora_state_dict`) as ``folder/pytorch_lora_weights.safetensors``,
-    the file ``StableDiffusionPipeline.load_lora_weights(folder)`` reads."""
+def adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's peft config (rank, alpha, targets, ...) as diffusers stores it in the LoRA file.
+    Without it stock ``load_lora_weights`` assumes alpha = rank, i.e. scale 1 instead of alpha / r."""
+    config = copy.deepcopy(unet.peft_config["default"].to_dict())  # a fresh dict: diffusers edits it in place
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_lora(state: dict[str, torch.Tensor], folder: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``state`` (from :func:`lora_state_dict`) with its ``metadata`` (:func:`adapter_metadata`)
+    as ``folder/pytorch_lora_weights.safetensors``, the file ``StableDiffusionPipeline.load_lora_weights
+    (folder)`` reads. Written to a temporary sibling and renamed: a failed write (disk full) raises
+    :class:`~sd_distill.files.OutputWriteError` and leaves an earlier file intact."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
-    )
-    return folder / LORA_WEIGHTS_NAME
+    size = sum(t.numel() * t.element_size() for t in state.values())
+
+    def write(tmp: Path) -> None:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=state,
+            weight_name=tmp.name,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=copy.deepcopy(metadata),
+        )
+
+    return replace_atomically(folder / LORA_WEIGHTS_NAME, write, size)
 
 
 def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, STATE_FILE_NAME
-from ..lora import lora_state_dict, save_lora
+from ..lora import adapter_metadata, lora_state_dict, save_lora
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
     accelerator.save_state(str(tmp), **kwargs)
     lora = lora_state_dict(unet)  # collective under ZeRO-3
     if accelerator.is_main_process:
-        save_lora(lora, tmp)
+        save_lora(lora, tmp, adapter_metadata(unet))
         (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
         (tmp / STATE_FILE_NAME).write_text(json.dumps({"global_step": step}))
         _fsync_tree(tmp)

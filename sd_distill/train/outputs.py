@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
-from ..lora import lora_state_dict, save_lora
+from ..lora import adapter_metadata, lora_state_dict, save_lora
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def save_final(accelerator: Any, model: Any, config: TrainConfig) -> None:
         accelerator.wait_for_everyone()
         return
     out = Path(config.output_dir)
-    save_lora(lora, out)
+    save_lora(lora, out, adapter_metadata(model))
     (out / CONFIG_FILE_NAME).write_text(config.to_json())
     (out / MODEL_CARD_NAME).write_text(model_card(config))
     logger.info("saved the LoRA adapter to %s", out / LORA_WEIGHTS_NAME)
