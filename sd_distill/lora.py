@@ -81,7 +81,7 @@ def adapter_is_enabled(unet: torch.nn.Module) -> bool:
     return all(not m.disable_adapters for m in unet.modules() if isinstance(m, BaseTunerLayer))
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: torch.nn.Module, engine: Any = None) -> dict[str, torch.Tensor]:
     """The adapter as peft names it (``<module>.lora_A.weight`` / ``lora_B``), on the CPU.
 
     This is the format current diffusers writes and ``load_lora_weights`` reads. It is *not*
@@ -89,14 +89,40 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     old ``lora.down``/``lora.up`` names, and a file mixing both is loaded with every attention
     layer silently dropped (seen with diffusers 0.42.1 once the ResNets are adapted too).
 
-    Under DeepSpeed ZeRO-3 the LoRA weights are partitioned across ranks; call this on every
-    rank, it gathers just the adapter (not the frozen base) before reading it.
+    Under DeepSpeed pass its ``engine``: the weights are then the optimizer's fp32 master copy, not
+    the engine's bf16/fp16 module copy (a rounded version of what was trained). That read, like the
+    ZeRO-3 gather of partitioned weights, is collective: call this on every rank.
     """
     from peft.utils import get_peft_model_state_dict
 
-    with _gathered(list(lora_parameters(unet).values())):
+    named = lora_parameters(unet)
+    if engine is not None:
+        return get_peft_model_state_dict(unet, state_dict=_fp32_master_weights(engine, named))
+    with _gathered(list(named.values())):
         state = get_peft_model_state_dict(unet)
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _fp32_master_weights(engine: Any, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """``{name: fp32 CPU tensor}`` of the trainable ``named`` parameters as DeepSpeed's optimizer holds
+    them. ZeRO-1/2/3 keep them behind ``safe_get_full_fp32_param`` (collective: same order on every
+    rank); stage 0 with fp16/bf16 in the optimizer's ``fp32_groups``; otherwise the parameter is the
+    fp32 weight itself."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters: dict[int, torch.Tensor] = {}
+    optimizer = getattr(engine, "optimizer", None)
+    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        masters.update({id(lp): hp for lp, hp in zip(low, high)})
+    out = {}
+    for name, p in named.items():
+        if not p.requires_grad:  # the fp32 copy exists only for trainable weights (adapter disabled?)
+            raise RuntimeError(f"{name} is frozen; DeepSpeed keeps fp32 weights only for trainable parameters")
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = masters.get(id(p), p.data)
+        out[name] = full.detach().float().cpu().clone().contiguous()
+    return out
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles a small op
 
 
-def _launch(config: str, argv: list[str], log: Path) -> None:
+def _launch(config: str | Path, argv: list[str], log: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
     with open(log, "w") as handle:
@@ -29,7 +29,7 @@ def _launch(config: str, argv: list[str], log: Path) -> None:
                 str(accelerate),
                 "launch",
                 "--config_file",
-                str(ROOT / "accelerate_configs" / config),
+                str(ROOT / "accelerate_configs" / config),  # an absolute path stays as it is
                 "--main_process_port",
                 "0",
                 str(ROOT / "train_sd_distil_lora.py"),
@@ -85,3 +85,25 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
     before, after = lora_output_change(wide_model_dir, out)
     assert not torch.allclose(before, after, atol=1e-5)
     print(f"{config}: checkpoint {ckpt_bytes / 1024:.0f} KiB, UNet {unet_bytes / 1024:.0f} KiB")
+
+
+def test_bf16_deepspeed_saves_the_fp32_master_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Under bf16 the engine's module holds a rounded copy; the LoRA files must hold what the optimizer
+    trained (ZeRO-2 keeps it as sharded fp32 partitions, reassembled here with DeepSpeed's own tool)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    config = tmp_path / "bf16.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "cpu_2proc_zero2.yaml").read_text().replace("'no'", "bf16"))
+    data = write_image_folder(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    _launch(config, train_args(tiny_model_dir, data, out, steps=2), tmp_path / "bf16.log")
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-2" / "pytorch_model"), tag=".")
+    for folder in (out, out / "checkpoint-2"):
+        saved = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+        for key, value in saved.items():
+            assert value.dtype == torch.float32, key
+            master = masters[key.removeprefix("unet.").replace(".weight", ".default.weight")]
+            assert torch.equal(value, master), key
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values()), "a bf16-rounded copy"

@@ -80,6 +80,13 @@ def read_step(path: Path) -> int:
     return int(json.loads((path / STATE_FILE_NAME).read_text())["global_step"])
 
 
+def deepspeed_engine(accelerator: Any) -> Any:
+    """The DeepSpeed engine of a prepared run (``None`` without DeepSpeed): it holds the fp32 master
+    weights that are saved instead of its bf16/fp16 module copy."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else wrapped.engine
+
+
 def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect: Path | None = None) -> Path:
     """Write ``checkpoint-<step>``; every rank must call this (DeepSpeed saves collectively)."""
     from accelerate.utils import DistributedType
@@ -93,7 +100,7 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
     accelerator.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     accelerator.save_state(str(tmp), **kwargs)
-    lora = lora_state_dict(unet)  # collective under ZeRO-3
+    lora = lora_state_dict(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
     if accelerator.is_main_process:
         save_lora(lora, tmp, adapter_metadata(unet))
         (tmp / CONFIG_FILE_NAME).write_text(config.to_json())

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
 from ..lora import adapter_metadata, lora_state_dict, save_lora
+from .checkpoint import deepspeed_engine
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def clear_previous_run(out: Path) -> None:
 
 def save_final(accelerator: Any, model: Any, config: TrainConfig) -> None:
     """The adapter in diffusers LoRA format, the config and a model card; optionally a fused pipeline."""
-    lora = lora_state_dict(model)  # collective under ZeRO-3
+    lora = lora_state_dict(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
