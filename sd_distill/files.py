@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +15,16 @@ from typing import Any
 
 TEMP_MARK = ".tmp-"  # temporary siblings are ``.<name>.tmp-<pid>``: hidden, and never taken for the real file
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE = 1 << 20  # a write that fails with less than this free has most likely filled the disk
 
 
 class OutputWriteError(RuntimeError):
     """A file or folder could not be written (disk full, read-only, ...). The message names it, and
     says what is left intact; the CLI prints it and exits with status 2."""
+
+    def __init__(self, message: str, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
 
 
 def strict_json(value: Any, **kwargs: Any) -> str:
@@ -51,9 +57,12 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any], needed_by
         write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except Exception as err:
         remove_quietly(tmp)
-        raise write_error(err, path, needed_bytes) from None
+        failed = as_write_error(err, path, needed_bytes)
+        if failed is None:
+            raise
+        raise failed from None
     fsync_dir(path.parent)
     return path
 
@@ -64,15 +73,37 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_bytes(raw), len(raw))
 
 
-def write_error(err: OSError, path: str | Path, needed_bytes: int | None = None) -> OutputWriteError:
-    """One line for a failed write: which file, and for a full disk how much was needed and is free."""
+def as_write_error(err: BaseException, path: str | Path, needed_bytes: int | None = None) -> OutputWriteError | None:
+    """``err``, raised while writing ``path``, as one line; ``None`` when it is not about the disk.
+    Writers do not all raise OSError: safetensors (Rust) keeps the errno only in its message, and
+    torch.save reports a full disk as "unexpected pos" with no errno at all; then the free space tells."""
+    if isinstance(err, OutputWriteError):
+        return err
+    if isinstance(err, OSError):
+        return write_error(err, path, needed_bytes)
+    found = re.search(r"os error (\d+)", str(err))
+    if found:
+        code = int(found.group(1))
+        return write_error(OSError(code, os.strerror(code)), path, needed_bytes)
+    free = free_bytes(Path(path))
+    if free is not None and free < max(needed_bytes or 0, _LOW_SPACE):
+        return write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path, needed_bytes)
+    return None
+
+
+def write_error(
+    err: OSError, path: str | Path, needed_bytes: int | None = None, kept: str = "nothing was replaced"
+) -> OutputWriteError:
+    """One line for a failed write: which file, and for a full disk how much was needed and is free
+    and what was ``kept`` intact."""
     if err.errno in _NO_SPACE:
         need = f"about {human_size(needed_bytes)} needed, " if needed_bytes else ""
         free = free_bytes(Path(path))
         have = f"{human_size(free)} free" if free is not None else "free space unknown"
         return OutputWriteError(
-            f"no space left on the device writing {str(path)!r} ({need}{have}); nothing was replaced: "
-            "free some space or choose a folder on another disk, then run again."
+            no_space=True,
+            message=f"no space left on the device writing {str(path)!r} ({need}{have}); {kept}. Free some space "
+            "or choose a folder on another disk, then run again.",
         )
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return OutputWriteError(f"cannot write {str(path)!r}: {err.strerror} (a read-only disk or no permission).")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class TrainConfig:
         return list(self.validation_prompts) or ([self.default_prompt] if self.default_prompt else [])
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, allow_nan=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +162,9 @@ def validate(config: TrainConfig) -> None:
 
 
 def raise_if_any(errors: list[str]) -> None:
+    """One problem: its message; several: a list of them."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
 
@@ -183,6 +187,9 @@ Need = Callable[[bool, str], None]  # need(ok, message): records message unless 
 
 def _check_values(c: TrainConfig, need: Need) -> None:
     """Numbers out of range and settings that cannot go together."""
+    for f in dataclasses.fields(c):  # NaN passes no comparison, and a config is recorded as strict JSON
+        value = getattr(c, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} {value} is not a finite number.")
     need(
         c.resolution > 0 and c.resolution % 8 == 0,
         f"--resolution {c.resolution} is not a positive multiple of 8 (the VAE downsamples by 8); "

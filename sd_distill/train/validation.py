@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from ..files import OutputWriteError, write_error
 from ..lora import adapter_disabled
 from ..models import Components
+from .collective import first_failure
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -71,13 +73,17 @@ def run_validation(
     model.train()
     if parked:
         components.vae.to("cpu"), components.text_encoder.to("cpu")
+    failure = None
     if accelerator.is_main_process:
         folder = Path(config.output_dir) / "validation" / f"step-{step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(config.prompts_for_validation):
-            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
-            images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
-        (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, prompt in enumerate(config.prompts_for_validation):
+                images["student"][i].save(folder / f"{i:02d}-student-w1.png")
+                images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
+            (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+        except OSError as err:  # disk full: every rank stops with one line (the checkpoints are intact)
+            failure = str(write_error(err, folder))
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 for side, imgs in images.items():
@@ -85,4 +91,6 @@ def run_validation(
                         f"validation/{side}", np.stack([np.asarray(im) for im in imgs]), step, dataformats="NHWC"
                     )
         logger.info("validation images for step %d in %s", step, folder)
-    accelerator.wait_for_everyone()
+    failure = first_failure(accelerator, failure)
+    if failure is not None:
+        raise OutputWriteError(failure)
