@@ -134,6 +134,28 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def remove_stale_temps(folder: Path, name: str = "*") -> list[Path]:
+    """Remove temporary siblings (of ``name``) in ``folder`` left by a process that was killed while
+    writing them (a fused export's can be gigabytes); those of live processes stay."""
+    removed = []
+    for tmp in folder.glob(f".{name}{TEMP_MARK}*"):
+        pid = tmp.name.rsplit(TEMP_MARK, 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove_quietly(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_quietly(path: Path) -> None:
     """Remove a file or folder that may not exist (clean-up after a failed write)."""
     if path.is_dir() and not path.is_symlink():

@@ -152,7 +152,7 @@ def test_two_machines_without_a_shared_output_dir_both_stop_with_one_message(
         with open(logs[-1], "w") as log:
             # the multi-GPU launcher (torchrun, one per machine) leaves use_cpu to the process: without
             # ACCELERATE_USE_CPU each process would run alone (distributed type NO) instead of over gloo
-            env = subprocess_env(ACCELERATE_USE_CPU="true")
+            env = subprocess_env(ACCELERATE_USE_CPU="true", SD_DISTILL_SHARED_WAIT_S="1")
             procs.append(subprocess.Popen(cmd, cwd=node, stdout=log, stderr=subprocess.STDOUT, env=env))
     try:
         codes = [p.wait(timeout=150) for p in procs]

@@ -238,7 +238,10 @@ def test_a_full_disk_during_the_fused_export_keeps_an_earlier_export(
     from sd_distill.train.outputs import export_fused_pipeline
 
     target = tmp_path / "fused"
+    killed = tmp_path / ".fused.tmp-999999999"  # a half export of a process that was killed
+    (killed / "unet").mkdir(parents=True)
     export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert not killed.exists()
     index = (target / "model_index.json").read_bytes()
     real = StableDiffusionPipeline.save_pretrained
 
@@ -251,6 +254,9 @@ def test_a_full_disk_during_the_fused_export_keeps_an_earlier_export(
         export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
     assert (target / "model_index.json").read_bytes() == index and sorted(os.listdir(tmp_path)) == ["fused"]
     StableDiffusionPipeline.from_pretrained(target)  # the earlier export is whole: it still loads
+    monkeypatch.undo()
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))  # and is replaced once a new one is whole
+    assert sorted(os.listdir(tmp_path)) == ["fused"]
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_refused(

@@ -20,6 +20,7 @@ from ..files import (
     folder_size,
     fsync_dir,
     remove_quietly,
+    remove_stale_temps,
     strict_json,
     temp_sibling,
     write_atomically,
@@ -87,6 +88,8 @@ def export_fused_pipeline(
     pipe.unload_lora_weights()
     final = Path(target)
     tmp = temp_sibling(final)
+    if final.parent.is_dir():
+        remove_stale_temps(final.parent, final.name)  # an export killed half-way
     remove_quietly(tmp)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -118,9 +118,10 @@ def side_folder_errors(config: TrainConfig) -> list[str]:
 
 
 def _earlier_run_errors(config: TrainConfig, out: Path, resuming: bool) -> list[str]:
-    """A finished run or checkpoints of another run: only --resume_from_checkpoint or --overwrite_output_dir."""
-    if config.overwrite_output_dir or resuming or config.resume_from_checkpoint == "latest":
-        return []  # ``latest`` on a finished run is decided once the schedule is known (resume.check_work_left)
+    """A finished run or checkpoints of another run: only --resume_from_checkpoint or --overwrite_output_dir.
+    (``latest`` on a finished run is decided once the schedule is known: resume.check_work_left.)"""
+    if config.overwrite_output_dir or resuming:
+        return []
     if (out / LORA_WEIGHTS_NAME).exists():
         return [
             f"--output_dir {str(out)!r} already holds a finished run; pass --overwrite_output_dir to replace it "

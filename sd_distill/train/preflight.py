@@ -71,7 +71,7 @@ def _decide(config: TrainConfig, accelerator: Any, errors: list[str]) -> tuple[R
         "precision": accelerator.mixed_precision,
     }
     resume, resume_errors = pick_resume(config, launch)
-    errors = errors + resume_errors + output_dir_errors(config, resuming=resume is not None)
+    errors = errors + resume_errors + output_dir_errors(config, resuming=config.resume_from_checkpoint is not None)
     errors += side_folder_errors(config) + export_errors(config)
     if not errors and lock is None:
         lock, error = _take_lock(out)

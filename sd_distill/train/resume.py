@@ -121,7 +121,7 @@ def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...]
         return []
     return [
         f"checkpoint {str(path)!r} was made with other settings; resume with the same ones or start a new "
-        "--output_dir:\n  - " + "\n  - ".join(diffs)
+        "--output_dir:\n    - " + "\n    - ".join(diffs)
     ]
 
 

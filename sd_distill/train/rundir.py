@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
-from ..files import fsync_dir, remove_quietly, write_atomically, write_error
+from ..files import fsync_dir, remove_quietly, remove_stale_temps, write_atomically, write_error
 from .collective import all_true, first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .ownership import (
@@ -29,7 +29,9 @@ from .ownership import (
 from .resume import finished_run
 
 logger = logging.getLogger(__name__)
-SHARED_WAIT_S = 10.0  # how long a rank looks for the main process's token (NFS attribute caches)
+# How long a rank on another machine looks for the main process's token: an NFS client may cache a
+# folder's listing for a while. SD_DISTILL_SHARED_WAIT_S overrides it (a slow filesystem; tests).
+SHARED_WAIT_S = 10.0
 
 
 class RunLock:
@@ -81,7 +83,8 @@ def shared_dir_problem(accelerator: Any, out: Path) -> str | None:
     failure = first_failure(accelerator, failure)  # also the barrier: the token is written now
     if failure is not None:
         return failure
-    deadline = time.monotonic() + (0 if accelerator.is_main_process else SHARED_WAIT_S)
+    wait = float(os.environ.get("SD_DISTILL_SHARED_WAIT_S", SHARED_WAIT_S))
+    deadline = time.monotonic() + (0 if accelerator.is_main_process else wait)
     seen = _sees(path, token)
     while not seen and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -139,6 +142,7 @@ class RunDir:
                 )
         elif resume_step is not None:
             _abandon_later(self.out, resume_step)
+        remove_stale_temps(self.out)  # files of a run killed while writing them
         write_atomically(self.out / CONFIG_FILE_NAME, config.to_json())
 
     def discard_previous(self) -> None:
