@@ -13,14 +13,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd_distill.train import ConfigError, TrainingError, parse_args, run
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train import ConfigError, RunComplete, TrainingError, parse_args, run
 
     main_rank = os.environ.get("RANK", "0") == "0"  # every rank ends alike; say it once
     try:
         config = parse_args(argv)
         stats = run(config)
-    except (ConfigError, TrainingError) as err:
+    except RunComplete as done:
         if main_rank:
+            print(done)
+        return 0
+    except (ConfigError, TrainingError, OutputWriteError) as err:
+        if _speaks():  # every rank fails alike; say it once per machine
             print(f"error: {err}", file=sys.stderr)
         return 2
     if stats.interrupted:
@@ -30,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         print(f"done: {stats.global_step} steps, final loss {stats.final_loss:.4g}, LoRA in {config.output_dir}")
     return 0
+
+
+def _speaks() -> bool:
+    """The first process of each machine (LOCAL_RANK 0): a machine's log then says why it stopped."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
 
 
 if __name__ == "__main__":

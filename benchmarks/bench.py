@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.sd21 import Parts, build_parts, build_pipeline, build_unet, param_count
+from sd_distill.files import strict_json
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 LORA_RANK = 4
@@ -611,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(strict_json(results, indent=2))  # standard JSON: a non-finite figure is null
     print(format_table(results["rows"]))
     print(
         f"\n{plan.arch}, memory cases {plan.mem_resolution} px ({plan.mem_steps} step(s)), "

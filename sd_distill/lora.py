@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .constants import LORA_WEIGHTS_NAME
+from .files import replace_atomically
 
 # Attention projections of every transformer block: the usual diffusers LoRA targets.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -78,7 +81,7 @@ def adapter_is_enabled(unet: torch.nn.Module) -> bool:
     return all(not m.disable_adapters for m in unet.modules() if isinstance(m, BaseTunerLayer))
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: torch.nn.Module, engine: Any = None) -> dict[str, torch.Tensor]:
     """The adapter as peft names it (``<module>.lora_A.weight`` / ``lora_B``), on the CPU.
 
     This is the format current diffusers writes and ``load_lora_weights`` reads. It is *not*
@@ -86,14 +89,40 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     old ``lora.down``/``lora.up`` names, and a file mixing both is loaded with every attention
     layer silently dropped (seen with diffusers 0.42.1 once the ResNets are adapted too).
 
-    Under DeepSpeed ZeRO-3 the LoRA weights are partitioned across ranks; call this on every
-    rank, it gathers just the adapter (not the frozen base) before reading it.
+    Under DeepSpeed pass its ``engine``: the weights are then the optimizer's fp32 master copy, not
+    the engine's bf16/fp16 module copy (a rounded version of what was trained). That read, like the
+    ZeRO-3 gather of partitioned weights, is collective: call this on every rank.
     """
     from peft.utils import get_peft_model_state_dict
 
-    with _gathered(list(lora_parameters(unet).values())):
+    named = lora_parameters(unet)
+    if engine is not None:
+        return get_peft_model_state_dict(unet, state_dict=_fp32_master_weights(engine, named))
+    with _gathered(list(named.values())):
         state = get_peft_model_state_dict(unet)
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _fp32_master_weights(engine: Any, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """``{name: fp32 CPU tensor}`` of the trainable ``named`` parameters as DeepSpeed's optimizer holds
+    them. ZeRO-1/2/3 keep them behind ``safe_get_full_fp32_param`` (collective: same order on every
+    rank); stage 0 with fp16/bf16 in the optimizer's ``fp32_groups``; otherwise the parameter is the
+    fp32 weight itself."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters: dict[int, torch.Tensor] = {}
+    optimizer = getattr(engine, "optimizer", None)
+    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        masters.update({id(lp): hp for lp, hp in zip(low, high)})
+    out = {}
+    for name, p in named.items():
+        if not p.requires_grad:  # the fp32 copy exists only for trainable weights (adapter disabled?)
+            raise RuntimeError(f"{name} is frozen; DeepSpeed keeps fp32 weights only for trainable parameters")
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = masters.get(id(p), p.data)
+        out[name] = full.detach().float().cpu().clone().contiguous()
+    return out
 
 
 @contextlib.contextmanager
@@ -108,17 +137,34 @@ def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
         yield
 
 
-def save_lora(state: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write ``state`` (from :func:`lora_state_dict`) as ``folder/pytorch_lora_weights.safetensors``,
-    the file ``StableDiffusionPipeline.load_lora_weights(folder)`` reads."""
+def adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's peft config (rank, alpha, targets, ...) as diffusers stores it in the LoRA file.
+    Without it stock ``load_lora_weights`` assumes alpha = rank, i.e. scale 1 instead of alpha / r."""
+    config = copy.deepcopy(unet.peft_config["default"].to_dict())  # a fresh dict: diffusers edits it in place
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_lora(state: dict[str, torch.Tensor], folder: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``state`` (from :func:`lora_state_dict`) with its ``metadata`` (:func:`adapter_metadata`)
+    as ``folder/pytorch_lora_weights.safetensors``, the file ``StableDiffusionPipeline.load_lora_weights
+    (folder)`` reads. Written to a temporary sibling and renamed: a failed write (disk full) raises
+    :class:`~sd_distill.files.OutputWriteError` and leaves an earlier file intact."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
-    )
-    return folder / LORA_WEIGHTS_NAME
+    size = sum(t.numel() * t.element_size() for t in state.values())
+
+    def write(tmp: Path) -> None:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=state,
+            weight_name=tmp.name,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=copy.deepcopy(metadata),
+        )
+
+    return replace_atomically(folder / LORA_WEIGHTS_NAME, write, size)
 
 
 def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path) -> None:

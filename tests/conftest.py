@@ -64,7 +64,7 @@ def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     from diffusers import UNet2DConditionModel
 
-    from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+    from sd_distill.lora import adapter_metadata, attach_lora, lora_state_dict, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     params = attach_lora(unet, rank=4)
@@ -73,7 +73,7 @@ def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         for p in params:
             p.add_(torch.randn_like(p) * 0.3)
     folder = tmp_path_factory.mktemp("tiny-lora")
-    save_lora(lora_state_dict(unet), folder)
+    save_lora(lora_state_dict(unet), folder, adapter_metadata(unet))
     (folder / "sd_distill_config.json").write_text(
         json.dumps({"pretrained_model_name_or_path": str(tiny_model_dir), "guidance_scale": 7.5, "lora_rank": 4})
     )

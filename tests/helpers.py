@@ -105,3 +105,18 @@ class NanTarget:
 
     def student_inputs(self, states: Any) -> dict[str, Any]:
         return self.real.student_inputs(states)
+
+
+def fake_checkpoint(folder: Path, step: int, config: dict[str, Any]) -> Path:
+    """A complete-looking ``checkpoint-<step>`` of a 1-process plain-accelerate run (tiny stand-in
+    tensors): what the pre-load checks accept; enough to test resume decisions without training."""
+    from safetensors.torch import save_file
+
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "training_state.json").write_text(json.dumps({"global_step": step, "num_processes": 1, "deepspeed": False}))
+    (path / "sd_distill_config.json").write_text(json.dumps(config))
+    save_file({"unet.a.lora_A.weight": torch.zeros(2, 2)}, str(path / "pytorch_lora_weights.safetensors"))
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        torch.save({"state": torch.zeros(64)}, path / name)
+    return path

@@ -1,31 +1,34 @@
-"""What a checkpoint promises: complete or invisible, found in step order, rotated without losing
-the one a run resumed from, and refused when it was made with other settings."""
+"""What a checkpoint promises: complete or invisible, found in step order, rotated without losing the
+newest or the one a run resumed from, checked for damage before any model loads, and refused when it
+was made with other settings or another launch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 
-from sd_distill.constants import CONFIG_FILE_NAME, STATE_FILE_NAME
-from sd_distill.train.checkpoint import check_compatible, list_checkpoints, read_step, resolve_resume, rotate
+from helpers import fake_checkpoint
+from sd_distill.constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
+from sd_distill.train.checkpoint import list_checkpoints, read_step, rotate
 from sd_distill.train.config import ConfigError, TrainConfig
+from sd_distill.train.resume import RESUME_RULES, check_compatible, pick_resume
+
+LAUNCH = {"deepspeed": False, "zero_stage": None, "num_processes": 1, "precision": "no"}
 
 
 def _checkpoint(folder: Path, step: int, **settings: object) -> Path:
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / STATE_FILE_NAME).write_text(json.dumps({"global_step": step}))
     config = {
         "pretrained_model_name_or_path": "m",
         "lora_rank": 4,
         "lora_target_modules": ["to_q"],
         "teacher": "shared",
-        **settings,
     }
-    (path / CONFIG_FILE_NAME).write_text(json.dumps(config))
-    return path
+    return fake_checkpoint(folder, step, {**config, **settings})
 
 
 def _config(out: Path, **kw: object) -> TrainConfig:
@@ -44,25 +47,51 @@ def test_checkpoints_are_listed_in_step_order_and_half_written_ones_are_invisibl
 def test_latest_resumes_from_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     _checkpoint(tmp_path, 4)
     _checkpoint(tmp_path, 8)
-    path = resolve_resume(_config(tmp_path, resume_from_checkpoint="latest"))
-    assert path == tmp_path / "checkpoint-8" and read_step(path) == 8
+    path, errors = pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH)
+    assert errors == [] and path == tmp_path / "checkpoint-8" and read_step(path) == 8
 
 
 def test_latest_in_an_empty_folder_starts_fresh(tmp_path: Path) -> None:
-    assert resolve_resume(_config(tmp_path, resume_from_checkpoint="latest")) is None
+    assert pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH) == (None, [])
 
 
 def test_rotation_keeps_the_checkpoint_being_resumed_from(tmp_path: Path) -> None:
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / ".checkpoint-10.tmp").mkdir()
-    rotate(tmp_path, limit=1, protect=tmp_path / "checkpoint-2")
+    rotate(tmp_path, limit=1, newest=tmp_path / "checkpoint-8", protect=tmp_path / "checkpoint-2")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    """A later checkpoint of another run (10) must not make the one just written (5) the 'oldest'."""
+    for step in (4, 5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    rotate(tmp_path, limit=1, newest=tmp_path / "checkpoint-5", protect=tmp_path / "checkpoint-4")
+    assert (tmp_path / "checkpoint-5").is_dir()
+    rotate(tmp_path, limit=1, newest=tmp_path / "checkpoint-5")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10"]
+
+
+def test_every_setting_has_a_resume_rule() -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_RULES) == fields, set(RESUME_RULES) ^ fields
+    assert set(RESUME_RULES.values()) == {"match", "honour"}
+
+
 def test_a_checkpoint_of_other_settings_is_refused_naming_each_difference(tmp_path: Path) -> None:
-    path = _checkpoint(tmp_path, 2, lora_rank=16)
-    with pytest.raises(ConfigError, match=r"lora_rank: checkpoint has 16, this run has 4"):
+    path = _checkpoint(tmp_path, 2, lora_rank=16, lora_alpha=32.0, seed=1, resolution=64, learning_rate=1.0)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(path)), LAUNCH)
+    assert len(errors) == 1
+    for diff in (
+        "lora_rank: checkpoint has 16, this run has 4",
+        "lora_alpha: checkpoint has 32.0",
+        "seed: ",
+        "resolution: ",
+    ):
+        assert diff in errors[0]
+    assert "learning_rate" not in errors[0]  # honoured: a resumed run may change it
+    with pytest.raises(ConfigError, match="lora_rank"):
         check_compatible(path, _config(tmp_path))
 
 
@@ -70,3 +99,59 @@ def test_a_folder_without_training_state_is_not_a_checkpoint(tmp_path: Path) -> 
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(ConfigError, match="not an sd-distill checkpoint"):
         check_compatible(tmp_path / "checkpoint-3", _config(tmp_path))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "lora truncated": (lambda c: _truncate(c / LORA_WEIGHTS_NAME), "pytorch_lora_weights.safetensors is truncated"),
+    "lora empty": (lambda c: (c / LORA_WEIGHTS_NAME).write_bytes(b""), "pytorch_lora_weights.safetensors is empty"),
+    "lora missing": (lambda c: (c / LORA_WEIGHTS_NAME).unlink(), "pytorch_lora_weights.safetensors is missing"),
+    "optimizer missing": (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin is missing"),
+    "optimizer truncated": (lambda c: _truncate(c / "optimizer.bin"), "optimizer.bin is truncated"),
+    "scheduler missing": (lambda c: (c / "scheduler.bin").unlink(), "scheduler.bin is missing"),
+    "rng truncated": (lambda c: _truncate(c / "random_states_0.pkl"), "random_states_0.pkl is truncated"),
+    "state garbage": (lambda c: (c / STATE_FILE_NAME).write_text("{oops"), "training_state.json is not valid JSON"),
+    "config not utf-8": (lambda c: (c / CONFIG_FILE_NAME).write_bytes(b"\xff\xfe{}"), "is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_and_latest_falls_back(
+    case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    damage, said = DAMAGE[case]
+    _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 4)
+    damage(newest)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest)), LAUNCH)
+    assert len(errors) == 1 and said in errors[0] and "checkpoint-4" in errors[0], errors
+    with caplog.at_level(logging.WARNING):
+        path, errors = pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH)
+    assert errors == [] and path == tmp_path / "checkpoint-2"
+    assert "checkpoint-4" in caplog.text and "checkpoint-2" in caplog.text and said in caplog.text
+
+
+def test_a_checkpoint_of_another_launch_is_refused(tmp_path: Path) -> None:
+    plain = _checkpoint(tmp_path, 2)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(plain)), {**LAUNCH, "deepspeed": True})
+    assert "without DeepSpeed" in errors[0] and "under DeepSpeed" in errors[0]
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(plain)), {**LAUNCH, "num_processes": 2})
+    assert "written by 1 process(es) and this run has 2" in errors[0]
+
+    ds = _checkpoint(tmp_path, 4)
+    (ds / "optimizer.bin").unlink()
+    (ds / STATE_FILE_NAME).write_text(json.dumps({"global_step": 4, "num_processes": 2, "deepspeed": True}))
+    torch.save({}, ds / "random_states_1.pkl")
+    (ds / "pytorch_model").mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({}, ds / "pytorch_model" / name)
+    ds_launch = {**LAUNCH, "deepspeed": True, "num_processes": 2}
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(ds)), ds_launch)
+    assert "no optim shard of rank 1" in errors[0]  # a rank's shard is missing
+    torch.save({}, ds / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert pick_resume(_config(tmp_path, resume_from_checkpoint=str(ds)), ds_launch) == (ds, [])
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(ds)), LAUNCH)
+    assert "written with DeepSpeed" in errors[0]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import subprocess_env, train_args, write_image_folder
+from helpers import fake_checkpoint, subprocess_env, train_args, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,9 +96,12 @@ def test_dataset_path_that_does_not_exist(
 def test_finished_output_dir_is_not_overwritten(
     tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from sd_distill.train.config import TrainConfig
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"precious")
+    (out / "sd_distill_config.json").write_text(TrainConfig().to_json())  # an sd-distill run's folder
     code, err = _main(train_args(tiny_model_dir, data, out), capsys)
     assert code == 2 and "--overwrite_output_dir" in err
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"precious"
@@ -113,16 +115,13 @@ def test_resume_from_nothing_and_from_an_incompatible_checkpoint(
         capsys,
     )
     assert code == 2 and "not a folder" in err
-    ckpt = tmp_path / "out" / "checkpoint-2"
-    ckpt.mkdir(parents=True)
-    (ckpt / "training_state.json").write_text(json.dumps({"global_step": 2}))
     saved = {
         "pretrained_model_name_or_path": "other/model",
         "lora_rank": 16,
         "lora_target_modules": ["to_q"],
         "teacher": "shared",
     }
-    (ckpt / "sd_distill_config.json").write_text(json.dumps(saved))
+    fake_checkpoint(tmp_path / "out", 2, saved)
     code, err = _main(train_args(tiny_model_dir, data, tmp_path / "out", "--resume_from_checkpoint", "latest"), capsys)
     assert code == 2 and "lora_rank" in err and "other/model" in err
 

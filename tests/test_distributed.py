@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 420  # generous: the first DeepSpeed launch on a machine compiles a small op
 
 
-def _launch(config: str, argv: list[str], log: Path) -> None:
+def _launch(config: str | Path, argv: list[str], log: Path) -> None:
     proc = _launched(config, argv, log)
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
-def _launched(config: str, argv: list[str], log: Path) -> subprocess.CompletedProcess:
+def _launched(config: str | Path, argv: list[str], log: Path) -> subprocess.CompletedProcess:
     """``accelerate launch`` of the training CLI; its stdout and stderr go to ``log``."""
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
@@ -35,7 +35,7 @@ def _launched(config: str, argv: list[str], log: Path) -> subprocess.CompletedPr
                 str(accelerate),
                 "launch",
                 "--config_file",
-                str(ROOT / "accelerate_configs" / config),
+                str(ROOT / "accelerate_configs" / config),  # an absolute path stays as it is
                 "--main_process_port",
                 "0",
                 str(ROOT / "train_sd_distil_lora.py"),
@@ -131,3 +131,82 @@ def test_two_ranks_stop_together_on_a_stream_of_unreadable_images(tiny_model_dir
     assert proc.returncode != 0  # and no hang: _launched has a time limit
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: 6 of the last 6 rows read cannot be"), text[-3000:]
+
+
+def test_bf16_deepspeed_saves_the_fp32_master_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Under bf16 the engine's module holds a rounded copy; the LoRA files must hold what the optimizer
+    trained (ZeRO-2 keeps it as sharded fp32 partitions, reassembled here with DeepSpeed's own tool)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    config = tmp_path / "bf16.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "cpu_2proc_zero2.yaml").read_text().replace("'no'", "bf16"))
+    data = write_image_folder(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    _launch(config, train_args(tiny_model_dir, data, out, steps=2), tmp_path / "bf16.log")
+    state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
+    assert state["mixed_precision"] == "bf16" and state["num_processes"] == 2 and state["zero_stage"] == 2
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-2" / "pytorch_model"), tag=".")
+    for folder in (out, out / "checkpoint-2"):
+        saved = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+        for key, value in saved.items():
+            assert value.dtype == torch.float32, key
+            master = masters[key.removeprefix("unet.").replace(".weight", ".default.weight")]
+            assert torch.equal(value, master), key
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values()), "a bf16-rounded copy"
+
+    # the same DeepSpeed checkpoint resumed without DeepSpeed: one line before any model loads
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_sd_distil_lora.py")]
+        + train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", str(out / "checkpoint-2"), steps=4),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "written with DeepSpeed and this run is not under DeepSpeed" in proc.stderr
+
+
+def test_two_machines_without_a_shared_output_dir_both_stop_with_one_message(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two "machines" on one host, each in its own folder with a relative --output_dir: neither can
+    see the other's files, so both must stop at once (not hang in the first save or the cache)."""
+    import socket
+
+    config = tmp_path / "two_machines.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 2\n"
+        "mixed_precision: 'no'\nuse_cpu: true\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = write_image_folder(tmp_path / "data", n=4)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    procs, logs = [], []
+    for rank in (0, 1):
+        node = tmp_path / f"machine{rank}"
+        node.mkdir()
+        logs.append(node / "log.txt")
+        cmd = [str(accelerate), "launch", "--config_file", str(config), "--machine_rank", str(rank)]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_machines", "2"]
+        cmd += ["--num_processes", "2", str(ROOT / "train_sd_distil_lora.py")]
+        cmd += train_args(tiny_model_dir, data, Path("out"))
+        with open(logs[-1], "w") as log:
+            # the multi-GPU launcher (torchrun, one per machine) leaves use_cpu to the process: without
+            # ACCELERATE_USE_CPU each process would run alone (distributed type NO) instead of over gloo
+            env = subprocess_env(ACCELERATE_USE_CPU="true", SD_DISTILL_SHARED_WAIT_S="1")
+            procs.append(subprocess.Popen(cmd, cwd=node, stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        codes = [p.wait(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for code, log in zip(codes, logs):
+        text = log.read_text()
+        assert code != 0, text[-3000:]
+        assert "error: --output_dir 'out' is not on a disk that every machine shares" in text, text[-3000:]
+    assert not (tmp_path / "machine1" / "out").exists()  # the other machine wrote nothing

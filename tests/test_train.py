@@ -159,24 +159,27 @@ def test_cached_latents_and_text_give_the_same_first_loss_as_uncached(tiny_model
     assert latents.global_step == 2 and all(torch.isfinite(torch.tensor(latents.losses)))
 
 
-def test_fused_export_is_a_full_pipeline_matching_base_plus_lora(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fused_export_is_a_full_pipeline_matching_the_trained_student(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Stock loading of the LoRA and the fused export both give the UNet that was trained, at its
+    alpha / r (here 4: without the adapter metadata both would load it at scale 1)."""
     from diffusers import StableDiffusionPipeline
 
     data = write_image_folder(tmp_path / "data", n=4)
     out, fused = tmp_path / "out", tmp_path / "fused"
-    _run_capturing(
-        train_args(tiny_model_dir, data, out, "--export_fused_pipeline", str(fused), "--learning_rate", "5e-2", steps=3)
-    )
+    extra = ("--export_fused_pipeline", str(fused), "--learning_rate", "5e-2", "--lora_rank", "4", "--lora_alpha", "16")
+    _, training = run_training(train_args(tiny_model_dir, data, out, *extra, steps=3))
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     base.load_lora_weights(out)
     one_folder = StableDiffusionPipeline.from_pretrained(fused)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     emb = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        trained = training.model(x, 500, emb).sample
         a, b = base.unet(x, 500, emb).sample, one_folder.unet(x, 500, emb).sample
         plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet(x, 500, emb).sample
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, trained, atol=1e-5) and torch.allclose(b, trained, atol=1e-5)
     assert not torch.allclose(a, plain, atol=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary export left beside it
 
 
 def test_validation_renders_student_and_teacher_and_logs_to_tensorboard(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
+from ..files import strict_json
 from .config import CompareConfig, CompareError, Resolved
 from .grid import make_grid
 from .outdir import write_atomic
@@ -124,7 +124,7 @@ def build_report(
 def write_report(report: dict[str, Any], out: Path) -> None:
     """report.md, then report.json (last: a complete report.json means a complete folder)."""
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(markdown(report), encoding="utf-8"))
-    write_atomic(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2), encoding="utf-8"))
+    write_atomic(out / "report.json", lambda tmp: tmp.write_text(strict_json(report, indent=2), encoding="utf-8"))
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import time
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import strict_json
 from .checker import adherence, pipeline_adherence
 from .synthetic import held_out_prompts, make_dataset
 from .tokenizer import compact_tokenizer, load_tokenizer
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         "history": history,
         "final": final,
     }
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    (work / "report.json").write_text(strict_json(report, indent=2))
     log.info("final held-out adherence: %s", {k: round(v["adherence"], 3) for k, v in final.items()})
     log.info("saved %s; report in %s", args.output_dir, work / "report.json")
 

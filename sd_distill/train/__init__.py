@@ -10,9 +10,11 @@ come from; ``targets``: what the student learns there), one micro-step (``step``
 from .config import ConfigError, TrainConfig, parse_args
 from .loop import Stats, TrainingError, train_loop
 from .recipe import Training, finish, run, setup
+from .resume import RunComplete
 
 __all__ = [
     "ConfigError",
+    "RunComplete",
     "Stats",
     "TrainConfig",
     "Training",

@@ -1,13 +1,17 @@
-"""``checkpoint-<step>`` folders: written atomically by every rank, found, rotated, checked.
+"""``checkpoint-<step>`` folders: written atomically by every rank, listed, rotated.
 
-A checkpoint holds the LoRA adapter (safetensors), the optimizer/scheduler/RNG state that
-``accelerator.save_state`` writes (under DeepSpeed without the frozen base weights), the step
-and the resolved training config. It is written to a hidden temporary folder and renamed when
-complete, so ``latest`` never picks a half-written one.
+A checkpoint holds the LoRA adapter (safetensors, with its adapter metadata), the optimizer/
+scheduler/RNG state that ``accelerator.save_state`` writes (under DeepSpeed without the frozen base
+weights), ``training_state.json`` (the step and the launch it was made under: process count,
+DeepSpeed, precision) and the resolved training config. It is written to a hidden temporary folder
+and renamed when complete, so ``latest`` never picks a half-written one; a failed write (disk full)
+removes the temporary folder and leaves every earlier checkpoint as it was. What a resume checks and
+honours is in :mod:`.resume`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,14 +21,27 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, STATE_FILE_NAME
-from ..lora import lora_state_dict, save_lora
-from .config import ConfigError
+from ..files import (
+    OutputWriteError,
+    as_write_error,
+    folder_size,
+    fsync_dir,
+    remove_quietly,
+    strict_json,
+    write_error,
+)
+from ..lora import adapter_metadata, lora_state_dict, save_lora
+from .collective import first_failure
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Settings a checkpoint's optimizer state and adapter depend on: resuming with others is an error.
-_MUST_MATCH = ("pretrained_model_name_or_path", "lora_rank", "lora_target_modules", "teacher")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a ``checkpoint-<step>`` folder name (``None`` for any other name)."""
+    m = _CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -32,110 +49,135 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found)]
-
-
-def resolve_resume(config: Any) -> Path | None:
-    """The checkpoint to resume from (``None`` to start fresh); raises ConfigError if it is unusable."""
-    if config.resume_from_checkpoint is None:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = list_checkpoints(config.output_dir)
-        if not found:
-            logger.info("no checkpoint in %s yet; starting from step 0", config.output_dir)
-            return None
-        path = found[-1]
-    else:
-        path = Path(config.resume_from_checkpoint)
-    check_compatible(path, config)
-    return path
-
-
-def check_compatible(path: Path, config: Any) -> None:
-    state_file, config_file = path / STATE_FILE_NAME, path / CONFIG_FILE_NAME
-    if not state_file.is_file() or not config_file.is_file():
-        raise ConfigError(
-            f"--resume_from_checkpoint {str(path)!r} is not an sd-distill checkpoint (no {STATE_FILE_NAME}); "
-            "give a checkpoint-<step> folder or 'latest'."
-        )
-    saved = json.loads(config_file.read_text())
-    mismatches = [
-        f"{key}: checkpoint has {saved.get(key)!r}, this run has {getattr(config, key)!r}"
-        for key in _MUST_MATCH
-        if _norm(saved.get(key)) != _norm(getattr(config, key))
-    ]
-    if mismatches:
-        raise ConfigError(
-            f"checkpoint {str(path)!r} was made with other settings; "
-            "resume with the same ones or start a new --output_dir:\n  - " + "\n  - ".join(mismatches)
-        )
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def read_step(path: Path) -> int:
     return int(json.loads((path / STATE_FILE_NAME).read_text())["global_step"])
 
 
+def deepspeed_engine(accelerator: Any) -> Any:
+    """The DeepSpeed engine of a prepared run (``None`` without DeepSpeed): it holds the fp32 master
+    weights that are saved instead of its bf16/fp16 module copy."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else wrapped.engine
+
+
+def launch_record(accelerator: Any, step: int) -> dict[str, Any]:
+    """``training_state.json``: the step and what a resume must launch alike (a DeepSpeed checkpoint
+    has one optimizer shard per process, and every rank restores its own RNG state)."""
+    engine = deepspeed_engine(accelerator)
+    return {
+        "global_step": step,
+        "num_processes": accelerator.num_processes,
+        "deepspeed": engine is not None,
+        "zero_stage": None if engine is None else int(engine.zero_optimization_stage()),
+        "mixed_precision": accelerator.mixed_precision,
+    }
+
+
 def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect: Path | None = None) -> Path:
-    """Write ``checkpoint-<step>``; every rank must call this (DeepSpeed saves collectively)."""
+    """Write ``checkpoint-<step>``; every rank must call this (DeepSpeed saves collectively). On a
+    failed write every rank raises :class:`OutputWriteError` and the earlier checkpoints stay."""
     from accelerate.utils import DistributedType
 
     output_dir = Path(config.output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    needed = _expected_size(output_dir)
+    failure = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    kwargs = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    accelerator.save_state(str(tmp), **kwargs)
-    lora = lora_state_dict(unet)  # collective under ZeRO-3
+        remove_quietly(tmp)  # leftovers of a run killed mid-save
+        failure = _attempt(lambda: tmp.mkdir(parents=True), tmp, needed)
+    failure = first_failure(accelerator, failure)
+    if failure is None:
+        kwargs = (
+            {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        )
+        failure = _attempt(lambda: accelerator.save_state(str(tmp), **kwargs), tmp, needed)
+    lora = lora_state_dict(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
+    if accelerator.is_main_process and failure is None:
+        failure = _attempt(lambda: _write_own_files(tmp, lora, unet, config, accelerator, step), tmp, needed)
+    failure = first_failure(accelerator, failure)
+    if failure is not None:
+        if accelerator.is_main_process:
+            remove_quietly(tmp)
+        raise OutputWriteError(_checkpoint_failure(failure, final, needed))
     if accelerator.is_main_process:
-        save_lora(lora, tmp)
-        (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
-        (tmp / STATE_FILE_NAME).write_text(json.dumps({"global_step": step}))
-        _fsync_tree(tmp)
-        if final.exists():  # same step written again (e.g. a run resumed and killed before moving on)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
-        rotate(output_dir, config.checkpoints_total_limit, protect)
-        logger.info("saved %s (%.2f MB)", final, _size_mb(final))
+        _publish(tmp, final)
+        rotate(output_dir, config.checkpoints_total_limit, newest=final, protect=protect)
+        logger.info("saved %s (%.2f MB)", final, folder_size(final) / 2**20)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate(output_dir: Path, limit: int | None, protect: Path | None) -> None:
-    """Delete the oldest checkpoints beyond ``limit``, never the one a run resumed from."""
-    if limit is None:
-        return
-    found = list_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit)]:
-        if protect is not None and old.resolve() == protect.resolve():
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-        logger.info("removed old checkpoint %s", old)
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``. The same step written again (a run resumed and killed
+    before it moved on) replaces the old folder only once the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        remove_quietly(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    remove_quietly(old)
 
 
-def _size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
+def _write_own_files(tmp: Path, lora: dict[str, Any], unet: Any, config: Any, accelerator: Any, step: int) -> None:
+    save_lora(lora, tmp, adapter_metadata(unet))
+    (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
+    (tmp / STATE_FILE_NAME).write_text(strict_json(launch_record(accelerator, step)))
+    for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(folder)
+    fsync_dir(tmp)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _attempt(action: Any, path: Path, needed: int | None) -> str | None:
+    """Run ``action``; a failed write becomes its one-line message (every rank then learns it)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        action()
+    except Exception as err:
+        failed = as_write_error(err, path, needed)
+        if failed is None:
+            raise
+        return (_NO_SPACE_MARK if failed.no_space else "") + str(failed)
+    return None
+
+
+_NO_SPACE_MARK = "\0no-space\0"  # travels with the message to every rank
+
+
+def _checkpoint_failure(failure: str, final: Path, needed: int | None) -> str:
+    """The message for the whole checkpoint: a full disk is reported for the folder, with what the
+    last checkpoint took and what is free once the partial one is removed."""
+    earlier = "the earlier checkpoints are intact" if list_checkpoints(final.parent) else "nothing else changed"
+    kept = f"{final.name} was not written and {earlier}"
+    if failure.startswith(_NO_SPACE_MARK):
+        return str(write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), final, needed, kept))
+    return f"{failure} ({kept})"
+
+
+def _expected_size(output_dir: Path) -> int | None:
+    """About what the next checkpoint needs: the size of the newest one (``None`` before the first)."""
+    found = list_checkpoints(output_dir)
+    return folder_size(found[-1]) if found else None
+
+
+def rotate(output_dir: Path, limit: int | None, newest: Path, protect: Path | None = None) -> None:
+    """Keep at most ``limit`` checkpoints: delete the oldest ones *before* ``newest`` (the one just
+    written, which always stays), never the one a run resumed from (``protect``)."""
+    if limit is None:
+        return
+    newest_step = checkpoint_step(newest)
+    older = [p for p in list_checkpoints(output_dir) if (checkpoint_step(p) or 0) < (newest_step or 0)]
+    excess = len(older) - (limit - 1)
+    for old in older:
+        if excess <= 0:
+            break
+        if protect is not None and old.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        excess -= 1
+        logger.info("removed old checkpoint %s", old)

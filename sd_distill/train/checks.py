@@ -20,6 +20,9 @@ def validate(config: TrainConfig) -> None:
 
 
 def raise_if_any(errors: list[str]) -> None:
+    """One problem: its message; several: a list of them."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

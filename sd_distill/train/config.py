@@ -183,7 +183,7 @@ class TrainConfig:
         return list(self.validation_prompts) or ([self.default_prompt] if self.default_prompt else [])
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, allow_nan=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,85 +1,128 @@
-"""What a run leaves in its output folder: the LoRA with its config and model card, the summary,
-and optionally a fused pipeline; and the rule that a run never writes over another one."""
+"""What a run leaves in its output folder: the LoRA with its config and model card, the summary, and
+optionally a fused pipeline. Each file is written to a temporary sibling and renamed over the old
+one, so a failed write (disk full) never leaves a half file over a good one. Which folders a run may
+write into at all is :mod:`.ownership`'s question."""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
-from ..lora import lora_state_dict, save_lora
+from ..files import (
+    OutputWriteError,
+    as_write_error,
+    folder_size,
+    fsync_dir,
+    remove_quietly,
+    remove_stale_temps,
+    strict_json,
+    temp_sibling,
+    write_atomically,
+)
+from ..lora import adapter_metadata, lora_state_dict, save_lora
+from .checkpoint import deepspeed_engine
+from .collective import first_failure
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 
-def output_dir_errors(config: TrainConfig, resuming: bool) -> list[str]:
-    """Refuse to write over a finished run or mix checkpoints of two runs (nothing is lost)."""
+def save_final(accelerator: Any, model: Any, config: TrainConfig, on_saved: Callable[[], None] | None = None) -> None:
+    """The adapter in diffusers LoRA format (with its adapter metadata), the config and a model card;
+    then ``on_saved()`` and the fused pipeline if asked for. A failed write raises
+    :class:`OutputWriteError` on every rank."""
+    lora = lora_state_dict(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            _write_final(lora, model, config)
+            if on_saved is not None:
+                on_saved()
+            if config.export_fused_pipeline:
+                export_fused_pipeline(
+                    config.pretrained_model_name_or_path,
+                    Path(config.output_dir),
+                    config.export_fused_pipeline,
+                    config.revision,
+                    config.variant,
+                )
+        except OutputWriteError as err:
+            failure = str(err)
+    failure = first_failure(accelerator, failure)
+    if failure is not None:
+        raise OutputWriteError(failure)
+
+
+def _write_final(lora: dict[str, Any], model: Any, config: TrainConfig) -> None:
     out = Path(config.output_dir)
-    if config.overwrite_output_dir or resuming or not out.exists():
-        return []
-    if (out / LORA_WEIGHTS_NAME).exists():
-        return [
-            f"--output_dir {str(out)!r} already holds a finished run; pass --overwrite_output_dir to replace it "
-            "or choose another folder."
-        ]
-    if any(out.glob("checkpoint-*")):
-        return [
-            f"--output_dir {str(out)!r} has checkpoints of an earlier run; pass --resume_from_checkpoint latest "
-            "to continue it or --overwrite_output_dir to start over."
-        ]
-    return []
-
-
-def clear_previous_run(out: Path) -> None:
-    for path in list(out.glob("checkpoint-*")) + list(out.glob(".checkpoint-*")):
-        shutil.rmtree(path, ignore_errors=True)
-    for name in (LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME):
-        (out / name).unlink(missing_ok=True)
-
-
-def save_final(accelerator: Any, model: Any, config: TrainConfig) -> None:
-    """The adapter in diffusers LoRA format, the config and a model card; optionally a fused pipeline."""
-    lora = lora_state_dict(model)  # collective under ZeRO-3
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    out = Path(config.output_dir)
-    save_lora(lora, out)
-    (out / CONFIG_FILE_NAME).write_text(config.to_json())
-    (out / MODEL_CARD_NAME).write_text(model_card(config))
+    save_lora(lora, out, adapter_metadata(model))
+    write_atomically(out / CONFIG_FILE_NAME, config.to_json())
+    write_atomically(out / MODEL_CARD_NAME, model_card(config))
     logger.info("saved the LoRA adapter to %s", out / LORA_WEIGHTS_NAME)
-    if config.export_fused_pipeline:
-        export_fused_pipeline(
-            config.pretrained_model_name_or_path, out, config.export_fused_pipeline, config.revision, config.variant
-        )
-    accelerator.wait_for_everyone()
 
 
 def write_summary(config: TrainConfig, stats: Any) -> None:
-    (Path(config.output_dir) / SUMMARY_FILE_NAME).write_text(json.dumps(asdict(stats), indent=2))
+    """``train_summary.json``, strict JSON (a loss that was never measured is ``null``, not ``NaN``)."""
+    write_atomically(Path(config.output_dir) / SUMMARY_FILE_NAME, strict_json(asdict(stats), indent=2))
 
 
 def export_fused_pipeline(
     base: str, lora_dir: Path, target: str, revision: str | None = None, variant: str | None = None
 ) -> Path:
-    """Write a full pipeline with the LoRA fused into the UNet (one folder, no peft needed)."""
+    """Write a full pipeline with the LoRA fused into the UNet (one folder, no peft needed). It is
+    written beside ``target`` and renamed when complete; an earlier export there is replaced only
+    then, and a failed write (disk full) leaves it as it was."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
         base, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(str(lora_dir))
+    pipe.load_lora_weights(str(lora_dir))  # reads the adapter metadata: the trained alpha / r
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    pipe.save_pretrained(target, safe_serialization=True)
-    shutil.copy(lora_dir / CONFIG_FILE_NAME, Path(target) / CONFIG_FILE_NAME)
-    logger.info("exported the fused pipeline to %s", target)
-    return Path(target)
+    final = Path(target)
+    tmp = temp_sibling(final)
+    if final.parent.is_dir():
+        remove_stale_temps(final.parent, final.name)  # an export killed half-way
+    remove_quietly(tmp)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.copy(lora_dir / CONFIG_FILE_NAME, tmp / CONFIG_FILE_NAME)
+        _swap_in(tmp, final)
+    except Exception as err:
+        remove_quietly(tmp)
+        needed = sum(p.numel() * p.element_size() for c in pipe.components.values() for p in _params(c))
+        failed = as_write_error(err, final, needed)
+        if failed is None:
+            raise
+        raise failed from None
+    logger.info("exported the fused pipeline to %s (%.0f MB)", final, folder_size(final) / 2**20)
+    return final
+
+
+def _params(component: Any) -> list[Any]:
+    return list(component.parameters()) if hasattr(component, "parameters") else []
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; an earlier export there goes only once that worked."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    fsync_dir(final.parent)
+    remove_quietly(old)
 
 
 def model_card(config: TrainConfig) -> str:

@@ -19,26 +19,22 @@ from typing import Any
 import torch
 
 from ..conditioning import add_guidance_conditioning, guidance_projection
-from ..constants import CONFIG_FILE_NAME
 from ..lora import adapter_disabled, attach_lora
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
-from .checkpoint import read_step, resolve_resume
-from .checks import config_errors, raise_if_any
-from .config import ConfigError, TrainConfig
+from .checkpoint import read_step
+from .checks import raise_if_any
+from .config import TrainConfig, resolve_auto_cache
 from .data import TrainData
-from .distributed import (
-    accelerator_errors,
-    is_deepspeed,
-    make_accelerator,
-    register_lora_only_state_hooks,
-    setup_logging,
-    warn_about_zero3,
-)
+from .distributed import is_deepspeed, register_lora_only_state_hooks
 from .inputs import cached_dataset, make_dataloader, read_data
-from .launch import apply_to_deepspeed, check_prepared, resolve_launch
+from .integrity import load_state_or_error
+from .launch import check_prepared
 from .loader import EpochShuffleSampler
 from .loop import Stats, train_loop
-from .outputs import clear_previous_run, output_dir_errors, save_final, write_summary
+from .outputs import save_final, write_summary
+from .preflight import Preflight, preflight
+from .resume import check_compatible, check_work_left, honour_learning_rate
+from .rundir import RunDir
 from .schedule import Schedule
 from .states import NoisedImages, StateSource
 from .step import Loss, make_loss
@@ -74,6 +70,7 @@ class Training:
     seed: int
     start_step: int
     resume_from: Path | None
+    run_dir: RunDir  # the output folder's lock; the run this one replaces, set aside until it is done
 
     @property
     def is_deepspeed(self) -> bool:
@@ -81,10 +78,15 @@ class Training:
 
 
 def run(config: TrainConfig) -> Stats:
-    """Train the LoRA student; returns what was measured. Every rank calls this."""
+    """Train the LoRA student; returns what was measured. Every rank calls this. Raises
+    :class:`~.resume.RunComplete` when ``--resume_from_checkpoint latest`` finds the run finished."""
     training = setup(config)
-    stats = train_loop(training)
-    finish(training, stats)
+    try:
+        stats = train_loop(training)
+        finish(training, stats)
+    except BaseException:
+        training.run_dir.failed()  # a run being replaced goes back in place
+        raise
     return stats
 
 
@@ -93,42 +95,42 @@ def run(config: TrainConfig) -> Stats:
 # ------------------------------------------------------------------------------------------------
 def setup(config: TrainConfig) -> Training:
     """Check the inputs, read the data, load the models and build everything a run needs."""
+    pre = preflight(config)
+    try:
+        return _build(config, pre)
+    except BaseException:
+        pre.run_dir.failed()
+        raise
+
+
+def _build(config: TrainConfig, pre: Preflight) -> Training:
     from accelerate.utils import set_seed
 
-    config, accelerator, resume_from = _preflight(config)
+    config, accelerator, resume_from = pre.config, pre.accelerator, pre.resume_from
     seed = config.seed if config.seed is not None else 0
     set_seed(seed)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     # data first: bad data should fail before minutes of model loading
     config, data, vae, latents = read_data(config, accelerator, weight_dtype)
-    if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        if config.overwrite_output_dir and resume_from is None:
-            clear_previous_run(Path(config.output_dir))
+    config, schedule = _plan(config, data, accelerator.num_processes, resume_from)
 
     components, trainable_params, separate_teacher = _setup_models(config, accelerator, weight_dtype, vae)
     uncond_emb = encode_prompts(components.tokenizer, components.text_encoder, [""])  # [1, 77, D], once
     dataset = cached_dataset(config, data, components, accelerator, latents)
     sampler = None if config.streaming else EpochShuffleSampler(len(dataset), seed)
     dataloader = make_dataloader(config, dataset, sampler, seed, accelerator.device)
-    schedule = Schedule.plan(
-        rows=None if config.streaming else len(dataset),
-        batch_size=config.train_batch_size,
-        num_processes=accelerator.num_processes,
-        accumulation=config.gradient_accumulation_steps,
-        max_train_steps=config.max_train_steps,
-        num_train_epochs=config.num_train_epochs,
-    )
     optimizer, lr_scheduler = _setup_optimizer(config, trainable_params, schedule, accelerator)
     student, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         components.unet, optimizer, dataloader, lr_scheduler
     )
     check_prepared(accelerator, student, config)
     model = accelerator.unwrap_model(student)
-    start_step = _restore(accelerator, model, resume_from)
+    start_step = _restore(accelerator, model, resume_from, lr_scheduler, _peak_lr(config, accelerator.num_processes))
+    # only now, with everything loaded, is anything in the output folder moved or written
+    pre.run_dir.begin(config, None if resume_from is None else start_step)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
-        (Path(config.output_dir) / CONFIG_FILE_NAME).write_text(config.to_json())
     return Training(
         config=config,
         accelerator=accelerator,
@@ -150,7 +152,28 @@ def setup(config: TrainConfig) -> Training:
         seed=seed,
         start_step=start_step,
         resume_from=resume_from,
+        run_dir=pre.run_dir,
     )
+
+
+def _plan(
+    config: TrainConfig, data: TrainData, num_processes: int, resume_from: Path | None
+) -> tuple[TrainConfig, Schedule]:
+    """Decide the automatic settings from the data (never changed afterwards) and the schedule; a
+    resume must have taken the same decisions and have steps left to train."""
+    config = resolve_auto_cache(config, data.num_rows)
+    if resume_from is not None:
+        check_compatible(resume_from, config, names=("cache_latents", "cache_text_embeddings"))
+    schedule = Schedule.plan(
+        rows=data.num_rows,
+        batch_size=config.train_batch_size,
+        num_processes=num_processes,
+        accumulation=config.gradient_accumulation_steps,
+        max_train_steps=config.max_train_steps,
+        num_train_epochs=config.num_train_epochs,
+    )
+    check_work_left(config, resume_from, schedule.max_steps)
+    return config, schedule
 
 
 def build_objective(
@@ -164,31 +187,6 @@ def build_objective(
         else GuidedTarget(uncond_emb),
         "loss": make_loss(config.loss, config.huber_c, config.snr_gamma, components.noise_scheduler),
     }
-
-
-def _preflight(config: TrainConfig) -> tuple[TrainConfig, Any, Path | None]:
-    """Every input check that needs no model or data, reported together in one ConfigError; returns
-    the config with the launch's settings resolved, the accelerator and the checkpoint to resume."""
-    errors = config_errors(config)
-    config, launch_errors = resolve_launch(config)
-    errors += launch_errors
-    try:
-        accelerator = make_accelerator(config)
-    except ValueError:
-        raise_if_any(errors)  # a bad flag the accelerator tripped over: say what the user can fix
-        raise
-    setup_logging(accelerator)
-    apply_to_deepspeed(accelerator, config)
-    errors += accelerator_errors(accelerator, config)
-    resume_from = None
-    try:
-        resume_from = resolve_resume(config)
-    except ConfigError as err:
-        errors.append(str(err))
-    errors += output_dir_errors(config, resuming=resume_from is not None)
-    raise_if_any(errors)
-    warn_about_zero3(accelerator, config.teacher)
-    return config, accelerator, resume_from
 
 
 def _setup_models(
@@ -249,12 +247,9 @@ def _setup_optimizer(
     from diffusers.optimization import get_scheduler
 
     num_processes = accelerator.num_processes
-    lr = config.learning_rate
-    if config.scale_lr:
-        lr *= config.train_batch_size * config.gradient_accumulation_steps * num_processes
     optimizer = torch.optim.AdamW(
         params,
-        lr=lr,
+        lr=_peak_lr(config, num_processes),
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
@@ -272,6 +267,12 @@ def _setup_optimizer(
     return optimizer, lr_scheduler
 
 
+def _peak_lr(config: TrainConfig, num_processes: int) -> float:
+    if config.scale_lr:
+        return config.learning_rate * config.train_batch_size * config.gradient_accumulation_steps * num_processes
+    return config.learning_rate
+
+
 def _teacher(student: Any, model: Any, separate_teacher: torch.nn.Module | None) -> Teacher:
     """The module that plays the teacher: the separate UNet, or the adapter-disabled student called
     through the (possibly DeepSpeed-wrapped) engine."""
@@ -287,12 +288,15 @@ def _teacher(student: Any, model: Any, separate_teacher: torch.nn.Module | None)
     return teacher
 
 
-def _restore(accelerator: Any, model: Any, resume_from: Path | None) -> int:
+def _restore(accelerator: Any, model: Any, resume_from: Path | None, lr_scheduler: Any, peak_lr: float) -> int:
     """Register what checkpoints hold; load ``resume_from`` if given. Returns the step to start at."""
     register_lora_only_state_hooks(accelerator, model)
     if resume_from is None:
         return 0
-    accelerator.load_state(str(resume_from), **({"load_module_strict": False} if is_deepspeed(accelerator) else {}))
+    load_state_or_error(
+        accelerator, resume_from, **({"load_module_strict": False} if is_deepspeed(accelerator) else {})
+    )
+    honour_learning_rate(lr_scheduler, peak_lr)
     step = read_step(resume_from)
     logger.info("resumed from %s at step %d", resume_from, step)
     return step
@@ -307,7 +311,8 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 # finish
 # ------------------------------------------------------------------------------------------------
 def finish(tr: Training, stats: Stats) -> None:
-    """Final validation and the LoRA (unless interrupted), the summary; every rank calls it."""
+    """Final validation and the LoRA (unless interrupted), the summary; every rank calls it. Once the
+    new LoRA is written, a run it replaces (``--overwrite_output_dir``) is deleted."""
     config = tr.config
     if stats.interrupted:
         logger.warning("interrupted at step %d; resume with --resume_from_checkpoint latest", stats.global_step)
@@ -316,7 +321,8 @@ def finish(tr: Training, stats: Stats) -> None:
             run_validation(
                 tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step, tr.weight_dtype
             )
-        save_final(tr.accelerator, tr.model, config)
+        save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous)
     if tr.accelerator.is_main_process:
         write_summary(config, stats)
     tr.accelerator.end_training()
+    tr.run_dir.release()

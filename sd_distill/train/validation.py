@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from ..files import OutputWriteError, write_error
 from ..lora import adapter_disabled
 from ..models import Components
+from .collective import first_failure
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,10 @@ def run_validation(
     (ZeRO-3 gathers parameters collectively), the main process writes the images."""
     with encoders_on(components, accelerator.device):
         images = _render(accelerator, model, separate_teacher, components, config, weight_dtype)
-    if accelerator.is_main_process:
-        _write(accelerator, images, config, step)
-    accelerator.wait_for_everyone()
+    failure = _write(accelerator, images, config, step) if accelerator.is_main_process else None
+    failure = first_failure(accelerator, failure)  # a full disk: every rank stops with one line
+    if failure is not None:
+        raise OutputWriteError(failure)
 
 
 @contextmanager
@@ -97,18 +100,23 @@ def _render(
     return images
 
 
-def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int) -> None:
+def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int) -> str | None:
+    """The images and the tracker's copy; the one-line reason when the disk refused them."""
     import numpy as np
 
     folder = Path(config.output_dir) / "validation" / f"step-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(len(config.prompts_for_validation)):
-        images["student"][i].save(folder / f"{i:02d}-student-w1.png")
-        images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
-    (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(len(config.prompts_for_validation)):
+            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
+            images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
+        (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
+    except OSError as err:  # the checkpoints are intact
+        return str(write_error(err, folder))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for side, imgs in images.items():
                 stacked = np.stack([np.asarray(im) for im in imgs])
                 tracker.writer.add_images(f"validation/{side}", stacked, step, dataformats="NHWC")
     logger.info("validation images for step %d in %s", step, folder)
+    return None

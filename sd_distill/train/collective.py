@@ -1,0 +1,35 @@
+"""Decisions every rank takes together: a check one rank makes (the main process reads the output
+folder, any rank may fail a write) becomes every rank's answer, so no rank waits forever in a
+collective that the others have left."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def first_failure(accelerator: Any, message: str | None) -> str | None:
+    """Every rank passes its own failure message (or ``None``); every rank gets the first one."""
+    if accelerator.num_processes == 1:
+        return message
+    from accelerate.utils import gather_object
+
+    return next((m for m in gather_object([message]) if m), None)
+
+
+def from_main(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value`` (picklable), on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def all_true(accelerator: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    count = torch.tensor([float(flag)], device=accelerator.device)
+    return int(accelerator.reduce(count, reduction="sum").item()) == accelerator.num_processes

@@ -1,0 +1,301 @@
+"""The output folder: a run writes only where it owns the files, one run at a time, replaces an
+earlier run only once its own LoRA exists, and a full or read-only disk gives one line with the
+earlier files intact."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_training, subprocess_env, train_args, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    sys.path.insert(0, str(ROOT))
+    from train_sd_distil_lora import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _torch_full(path: Path) -> None:
+    path.write_bytes(b"PK")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "data", n=4)
+
+
+def test_a_folder_of_other_files_is_refused_before_any_model_loads(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import sd_distill.train.recipe as recipe
+
+    monkeypatch.setattr(recipe, "load_components", lambda *a: pytest.fail("a model was loaded"))
+    repo = tmp_path / "repo"  # `--output_dir .` in a repository
+    repo.mkdir()
+    (repo / "README.md").write_text("# my project\n")
+    (repo / "setup.py").write_text("")
+    # another tool's LoRA folder (diffusers' dreambooth script writes these two names too)
+    other = tmp_path / "other-lora"
+    other.mkdir()
+    (other / LORA).write_bytes(b"theirs")
+    (other / "README.md").write_text("---\ntags: [lora]\n---\n")
+    for folder in (repo, other):
+        for extra in ((), ("--overwrite_output_dir",)):
+            code, err = _main(train_args(tiny_model_dir, data, folder, *extra), capsys)
+            assert code == 2 and "not sd-distill outputs" in err and "README.md" in err, err
+            assert err.count("\n") == 1  # one line
+    assert "setup.py" in _main(train_args(tiny_model_dir, data, repo), capsys)[1]
+    assert sorted(os.listdir(repo)) == ["README.md", "setup.py"] and (other / LORA).read_bytes() == b"theirs"
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_lora_exists(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import sd_distill.train.recipe as recipe
+    from sd_distill.train import TrainingError
+
+    out = tmp_path / "out"
+    run_training(train_args(tiny_model_dir, data, out, steps=2))
+    old = (out / LORA).read_bytes()
+    before = sorted(os.listdir(out))
+
+    code, err = _main(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", "--resolution", "100"), capsys)
+    assert code == 2 and (out / LORA).read_bytes() == old  # a bad flag: nothing touched
+
+    def failing_loop(training):  # the new run writes a checkpoint of its own, then fails
+        (out / "checkpoint-6").mkdir()
+        raise TrainingError("the loss was non-finite")
+
+    monkeypatch.setattr(recipe, "train_loop", failing_loop)
+    code, err = _main(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", "--seed", "7"), capsys)
+    assert code == 2 and "non-finite" in err
+    assert (out / LORA).read_bytes() == old and sorted(os.listdir(out)) == sorted(before + [_only(out, "abandoned-")])
+    assert (out / _only(out, "abandoned-") / "checkpoint-6").is_dir()  # the failed run's output, set aside
+
+    monkeypatch.undo()
+    run_training(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", "--seed", "7", steps=2))
+    assert (out / LORA).read_bytes() != old and not list(out.glob(".sd-distill-previous-*"))
+
+
+def _only(out: Path, prefix: str) -> str:
+    (name,) = [n for n in os.listdir(out) if n.startswith(prefix)]
+    return name
+
+
+def test_export_targets_that_would_overwrite_something_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.ownership import export_errors
+
+    out = tmp_path / "out"
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / ".sd-distill.lock").write_text("")
+    (other_run / LORA).write_bytes(b"x")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.png").write_bytes(b"x")
+    (tmp_path / "afile").write_text("")
+    refused = {
+        tiny_model_dir: "base model",
+        out: "--output_dir",
+        out / "fused": "--output_dir",
+        tmp_path: "--output_dir",  # above it
+        other_run: "another sd-distill run",
+        foreign: "holds other files",
+        tmp_path / "afile": "is a file",
+    }
+    for target, said in refused.items():
+        config = TrainConfig(
+            pretrained_model_name_or_path=str(tiny_model_dir), output_dir=str(out), export_fused_pipeline=str(target)
+        )
+        errors = export_errors(config)
+        assert len(errors) == 1 and said in errors[0], (target, errors)
+    config = TrainConfig(output_dir=str(out), export_fused_pipeline=str(tmp_path / "new" / "fused"))
+    assert export_errors(config) == []
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = str(ROOT / "train_sd_distil_lora.py")
+    first = subprocess.Popen(
+        [sys.executable, script, *train_args(tiny_model_dir, data, out, "--checkpointing_steps", "1000", steps=100000)],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = out / ".sd-distill.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and str(first.pid) in lock.read_text()) and time.monotonic() < deadline:
+            assert first.poll() is None, "the first run stopped"
+            time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, script, *train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest")],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert first.poll() is None, "the first run was disturbed"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert "in use by another sd-distill run" in line and f"pid {first.pid}" in line and str(out) in line
+
+
+# How writers report a full disk (seen on a 300 KB tmpfs): OSError from Python's own files and PIL,
+# safetensors' Rust error with the errno in its text, torch.save's "unexpected pos" with no errno.
+FULL_DISK = {
+    "OSError": lambda: _no_space(),
+    "safetensors": lambda: (_ for _ in ()).throw(RuntimeError("I/O error: No space left on device (os error 28)")),
+}
+
+
+@pytest.mark.parametrize("style", FULL_DISK)
+def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(
+    style: str, tiny_model_dir: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import sd_distill.train.checkpoint as checkpoint
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train.integrity import checkpoint_damage
+
+    real = checkpoint.save_lora
+
+    def save_lora(state, folder, metadata):  # the disk fills up while checkpoint-4 is written
+        return FULL_DISK[style]() if ".checkpoint-4.tmp" in str(folder) else real(state, folder, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_lora", save_lora)
+    out = tmp_path / "out"
+    with pytest.raises(OutputWriteError) as raised:
+        run_training(train_args(tiny_model_dir, data, out, steps=6))
+    message = str(raised.value)
+    assert "no space left on the device" in message and "checkpoint-4" in message and "free" in message
+    assert "needed" in message and "the earlier checkpoints are intact" in message
+    assert not list(out.glob(".checkpoint-*")) and checkpoint_damage(out / "checkpoint-2") == []
+
+
+def test_a_full_disk_never_leaves_a_half_file_over_a_good_one(tiny_lora_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    from sd_distill.files import OutputWriteError, write_atomically
+    from sd_distill.lora import save_lora
+
+    state = load_file(str(tiny_lora_dir / LORA))
+    save_lora(state, tmp_path, {"r": 4, "lora_alpha": 4, "target_modules": ["to_q"]})
+    good = (tmp_path / LORA).read_bytes()
+
+    def half_then_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        _no_space()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_full)
+    with pytest.raises(OutputWriteError, match=r"no space left on the device writing .*pytorch_lora_weights"):
+        save_lora({k: v * 2 for k, v in state.items()}, tmp_path, {"r": 4})
+    monkeypatch.undo()
+    assert (tmp_path / LORA).read_bytes() == good and sorted(os.listdir(tmp_path)) == [LORA]
+
+    import sd_distill.files as files
+
+    monkeypatch.setattr(files, "free_bytes", lambda path: 4096)  # torch.save says only "unexpected pos"
+    with pytest.raises(OutputWriteError, match=r"no space left .*optimizer.bin.*4.0 KB free"):
+        files.replace_atomically(tmp_path / "optimizer.bin", lambda tmp: _torch_full(tmp))
+    monkeypatch.undo()
+
+    (tmp_path / "train_summary.json").write_text('{"good": true}')
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: _no_space())
+    with pytest.raises(OutputWriteError, match="train_summary.json"):
+        write_atomically(tmp_path / "train_summary.json", '{"global_step": 2}')
+    monkeypatch.undo()
+    assert (tmp_path / "train_summary.json").read_text() == '{"good": true}' and len(os.listdir(tmp_path)) == 2
+
+
+def test_a_full_disk_during_the_fused_export_keeps_an_earlier_export(
+    tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train.outputs import export_fused_pipeline
+
+    target = tmp_path / "fused"
+    killed = tmp_path / ".fused.tmp-999999999"  # a half export of a process that was killed
+    (killed / "unet").mkdir(parents=True)
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert not killed.exists()
+    index = (target / "model_index.json").read_bytes()
+    real = StableDiffusionPipeline.save_pretrained
+
+    def fills_up(self, folder, **kwargs):
+        real(self, folder, **kwargs)  # most of it written, then the disk is full
+        _no_space()
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", fills_up)
+    with pytest.raises(OutputWriteError, match=r"no space left .*fused.*needed.*free"):
+        export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert (target / "model_index.json").read_bytes() == index and sorted(os.listdir(tmp_path)) == ["fused"]
+    StableDiffusionPipeline.from_pretrained(target)  # the earlier export is whole: it still loads
+    monkeypatch.undo()
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))  # and is replaced once a new one is whole
+    assert sorted(os.listdir(tmp_path)) == ["fused"]
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_refused(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import tempfile
+
+    (tmp_path / "a-file").write_text("")
+    code, err = _main(train_args(tiny_model_dir, data, tmp_path / "a-file"), capsys)
+    assert code == 2 and "is a file" in err
+    for flag in ("--cache_dir", "--logging_dir"):
+        code, err = _main(train_args(tiny_model_dir, data, tmp_path / "out", flag, str(tmp_path / "a-file")), capsys)
+        assert code == 2 and f"{flag} " in err and "is a file" in err
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: make the write itself fail, as a ro mount does
+        monkeypatch.setattr(
+            tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system"))
+        )
+    else:
+        read_only.chmod(0o555)
+    for out in (read_only, read_only / "new"):
+        code, err = _main(train_args(tiny_model_dir, data, out), capsys)
+        assert code == 2 and ("Read-only file system" in err or "Permission denied" in err), err
+        assert err.count("error: ") == 1
+    read_only.chmod(0o755)
+
+
+def test_a_full_disk_while_writing_validation_images_stops_with_one_line(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from PIL import Image
+
+    from sd_distill.files import OutputWriteError
+
+    monkeypatch.setattr(Image.Image, "save", _no_space)
+    out = tmp_path / "out"
+    argv = ("--validation_steps", "2", "--num_validation_inference_steps", "1", "--default_prompt", "a red circle")
+    with pytest.raises(OutputWriteError, match=r"no space left on the device writing .*validation/step-2"):
+        run_training(train_args(tiny_model_dir, data, out, *argv, steps=4))
+    assert (out / "checkpoint-2").is_dir()  # the checkpoint written just before is intact
