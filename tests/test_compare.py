@@ -340,14 +340,14 @@ def test_a_lora_of_another_base_is_one_line_printed_by_rank_0_only(
 ) -> None:
     from diffusers import UNet2DConditionModel
 
-    from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+    from sd_distill.lora import adapter_metadata, attach_lora, lora_state_dict, save_lora
 
     sys.path.insert(0, str(REPO))
     from inf_txt2img_loop import main
 
     unet = UNet2DConditionModel.from_pretrained(wide_model_dir, subfolder="unet")
     attach_lora(unet, rank=4)
-    lora = save_lora(lora_state_dict(unet), tmp_path / "wide-lora").parent
+    lora = save_lora(lora_state_dict(unet), tmp_path / "wide-lora", adapter_metadata(unet)).parent
     (lora / "sd_distill_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(wide_model_dir)}))
     argv = [
         "--ft_model",

@@ -16,7 +16,7 @@ from sd_distill.conditioning import (
     save_guidance_projection,
     student_timestep_cond,
 )
-from sd_distill.lora import attach_lora, lora_state_dict, save_lora
+from sd_distill.lora import adapter_metadata, attach_lora, lora_state_dict, save_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIM = 32
@@ -72,12 +72,12 @@ def _trained_student(model: Path, folder: Path):
     """A student with a perturbed LoRA and cond_proj, saved as training saves it."""
     unet = _pipe(model).unet
     proj = add_guidance_conditioning(unet, DIM)
-    params = attach_lora(unet, rank=4)
+    params = attach_lora(unet, rank=4, alpha=8)  # alpha != rank: the adapter metadata must carry it
     torch.manual_seed(3)
     with torch.no_grad():
         for p in [*params, proj.weight]:
             p.add_(torch.randn_like(p) * 0.2)
-    save_lora(lora_state_dict(unet), folder)
+    save_lora(lora_state_dict(unet), folder, adapter_metadata(unet))
     save_guidance_projection(proj.weight, folder)
     return unet
 

@@ -5,6 +5,7 @@ abandoned run aside, so that ``latest`` can never jump to them."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -35,8 +36,10 @@ SHARED_WAIT_S = 10.0
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``<output_dir>/.sd-distill.lock``, held for the life of the run; the
-    file says who holds it (pid, host, since when). The kernel drops it when the process dies."""
+    """An exclusive lock on ``<output_dir>/.sd-distill.lock``, held for the life of the run; the file
+    says who holds it (pid, host, since when). The kernel drops it when the process dies. A POSIX
+    record lock (``lockf``), not ``flock``: forked DataLoader workers inherit a flock with the file
+    descriptor and keep it held after the run is killed; a record lock belongs to the process alone."""
 
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
@@ -49,8 +52,11 @@ class RunLock:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise ConfigError(
@@ -63,7 +69,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor releases the flock
+            os.close(self.fd)  # closing it releases the lock
             self.fd = None
 
 
