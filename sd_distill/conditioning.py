@@ -13,12 +13,15 @@ stock ``load_lora_weights`` rejects non-LoRA keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .constants import GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from .files import replace_atomically
+from .lora import fp32_master_weights, gathered, lora_state_dict, save_lora
 
 DEFAULT_GUIDANCE_EMBEDDING_DIM = 256  # what diffusers' LCM scripts and released LCM UNets use
 
@@ -66,16 +69,45 @@ def add_guidance_conditioning(unet: Any, dim: int = DEFAULT_GUIDANCE_EMBEDDING_D
 
 
 def save_guidance_projection(weight: torch.Tensor, folder: str | Path) -> Path:
-    """Write ``cond_proj``'s weight ``[C, D]`` (float32) next to the LoRA, atomically."""
-    import os
-
+    """Write ``cond_proj``'s weight ``[C, D]`` (float32) next to the LoRA, atomically (a full disk is
+    one :class:`~sd_distill.files.OutputWriteError` and leaves an earlier file intact)."""
     from safetensors.torch import save_file
 
-    path = Path(folder) / GUIDANCE_PROJ_WEIGHTS_NAME
-    tmp = path.with_name(path.name + ".tmp")
     tensor = weight.detach().to("cpu", torch.float32).contiguous()
-    save_file({GUIDANCE_PROJ_KEY: tensor}, str(tmp), metadata={"time_cond_proj_dim": str(tensor.shape[1])})
-    os.replace(tmp, path)
+    meta = {"time_cond_proj_dim": str(tensor.shape[1])}
+    return replace_atomically(
+        Path(folder) / GUIDANCE_PROJ_WEIGHTS_NAME,
+        lambda tmp: save_file({GUIDANCE_PROJ_KEY: tensor}, str(tmp), metadata=meta),
+        tensor.numel() * 4,
+    )
+
+
+@dataclass
+class StudentWeights:
+    """What a student folder holds: the LoRA and, for a w-conditioned student, ``cond_proj``."""
+
+    lora: dict[str, torch.Tensor]
+    guidance_projection: torch.Tensor | None = None
+
+
+def student_weights(unet: Any, engine: Any = None) -> StudentWeights:
+    """The student's trained weights on the CPU in float32 (under DeepSpeed pass its ``engine``: the
+    optimizer's master copy). Collective under DeepSpeed: call it on every rank."""
+    lora = lora_state_dict(unet, engine)
+    proj = guidance_projection(unet)
+    if proj is None:
+        return StudentWeights(lora)
+    if engine is not None:
+        return StudentWeights(lora, fp32_master_weights(engine, {"cond_proj": proj.weight})["cond_proj"])
+    with gathered([proj.weight]):
+        return StudentWeights(lora, proj.weight.detach().float().cpu().clone())
+
+
+def save_student(weights: StudentWeights, folder: str | Path, metadata: dict[str, Any]) -> Path:
+    """The LoRA file (with its adapter metadata) and, if any, the guidance projection beside it."""
+    path = save_lora(weights.lora, folder, metadata)
+    if weights.guidance_projection is not None:
+        save_guidance_projection(weights.guidance_projection, folder)
     return path
 
 
@@ -88,9 +120,35 @@ def load_guidance_projection(unet: Any, folder: str | Path) -> bool:
         return False
     weight = load_file(str(path))[GUIDANCE_PROJ_KEY]
     proj = add_guidance_conditioning(unet, weight.shape[1])
-    with torch.no_grad():
+    with gathered([proj.weight]), torch.no_grad():  # ZeRO-3: into the partitioned weight
         proj.weight.copy_(weight.to(proj.weight))
     return True
+
+
+class UnconditionedView(torch.nn.Module):
+    """A w-conditioned UNet seen as the plain base by a pipeline: its config has no
+    ``time_cond_proj_dim``, so stock ``StableDiffusionPipeline`` runs real CFG and passes no
+    ``timestep_cond`` (cond_proj is then never called). For the teacher's validation images."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.unet = unet
+        self._view = FrozenDict({**unet.config, "time_cond_proj_dim": None})
+
+    @property
+    def config(self) -> Any:
+        return self._view
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.unet(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
 
 
 def load_student(pipe: Any, folder: str | Path, adapter_name: str | None = None) -> Any:

@@ -97,13 +97,13 @@ def lora_state_dict(unet: torch.nn.Module, engine: Any = None) -> dict[str, torc
 
     named = lora_parameters(unet)
     if engine is not None:
-        return get_peft_model_state_dict(unet, state_dict=_fp32_master_weights(engine, named))
-    with _gathered(list(named.values())):
+        return get_peft_model_state_dict(unet, state_dict=fp32_master_weights(engine, named))
+    with gathered(list(named.values())):
         state = get_peft_model_state_dict(unet)
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _fp32_master_weights(engine: Any, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def fp32_master_weights(engine: Any, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """``{name: fp32 CPU tensor}`` of the trainable ``named`` parameters as DeepSpeed's optimizer holds
     them. ZeRO-1/2/3 keep them behind ``safe_get_full_fp32_param`` (collective: same order on every
     rank); stage 0 with fp16/bf16 in the optimizer's ``fp32_groups``; otherwise the parameter is the
@@ -126,7 +126,7 @@ def _fp32_master_weights(engine: Any, named: dict[str, torch.nn.Parameter]) -> d
 
 
 @contextlib.contextmanager
-def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Gather ZeRO-3-partitioned ``params`` for reading; a no-op for ordinary tensors."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -176,7 +176,7 @@ def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path) -> None:
     state = load_file(str(Path(folder) / LORA_WEIGHTS_NAME))
     state = {k.removeprefix("unet."): v for k, v in state.items()}
     state = convert_unet_state_dict_to_peft(state)
-    with _gathered(list(lora_parameters(unet).values())):
+    with gathered(list(lora_parameters(unet).values())):
         result = set_peft_model_state_dict(unet, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

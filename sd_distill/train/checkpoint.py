@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..conditioning import StudentWeights, save_student, student_weights
 from ..constants import CONFIG_FILE_NAME, STATE_FILE_NAME
 from ..files import (
     OutputWriteError,
@@ -30,7 +31,7 @@ from ..files import (
     strict_json,
     write_error,
 )
-from ..lora import adapter_metadata, lora_state_dict, save_lora
+from ..lora import adapter_metadata
 from .collective import first_failure
 
 logger = logging.getLogger(__name__)
@@ -95,9 +96,9 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
             {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         )
         failure = _attempt(lambda: accelerator.save_state(str(tmp), **kwargs), tmp, needed)
-    lora = lora_state_dict(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
+    weights = student_weights(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
     if accelerator.is_main_process and failure is None:
-        failure = _attempt(lambda: _write_own_files(tmp, lora, unet, config, accelerator, step), tmp, needed)
+        failure = _attempt(lambda: _write_own_files(tmp, weights, unet, config, accelerator, step), tmp, needed)
     failure = first_failure(accelerator, failure)
     if failure is not None:
         if accelerator.is_main_process:
@@ -123,8 +124,8 @@ def _publish(tmp: Path, final: Path) -> None:
     remove_quietly(old)
 
 
-def _write_own_files(tmp: Path, lora: dict[str, Any], unet: Any, config: Any, accelerator: Any, step: int) -> None:
-    save_lora(lora, tmp, adapter_metadata(unet))
+def _write_own_files(tmp: Path, weights: StudentWeights, unet: Any, config: Any, accelerator: Any, step: int) -> None:
+    save_student(weights, tmp, adapter_metadata(unet))
     (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
     (tmp / STATE_FILE_NAME).write_text(strict_json(launch_record(accelerator, step)))
     for f in tmp.rglob("*"):

@@ -122,7 +122,6 @@ def _check_values(c: TrainConfig, need: Need) -> None:
     if c.guidance_scale_range is not None:
         low, high = c.guidance_scale_range
         need(1 <= low < high, f"--guidance_scale_range {low:g} {high:g} must satisfy 1 <= W_MIN < W_MAX (e.g. 2 12).")
-        need(False, "--guidance_scale_range: saving the guidance projection is not wired in yet (work in progress).")
     need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")
     need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
     need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")

@@ -105,6 +105,7 @@ def register_lora_only_state_hooks(accelerator: Any, model: Any) -> None:
     """
     if is_deepspeed(accelerator):
         return
+    from ..conditioning import load_guidance_projection
     from ..lora import load_lora_into_unet
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
@@ -113,6 +114,7 @@ def register_lora_only_state_hooks(accelerator: Any, model: Any) -> None:
     def load_hook(models: list[Any], input_dir: str) -> None:
         models.clear()
         load_lora_into_unet(model, input_dir)
+        load_guidance_projection(model, input_dir)  # a w-conditioned student's cond_proj
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
+from ..constants import CONFIG_FILE_NAME, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
 from .collective import first_failure
 from .config import ConfigError
 
@@ -43,6 +43,8 @@ def checkpoint_damage(path: Path) -> list[str]:
     """Files of checkpoint ``path`` that are missing, empty, truncated or unreadable."""
     problems = _json_problems(path / STATE_FILE_NAME, need_step=True) + _json_problems(path / CONFIG_FILE_NAME)
     problems += _safetensors_problems(path / LORA_WEIGHTS_NAME)
+    if (path / GUIDANCE_PROJ_WEIGHTS_NAME).exists():  # a w-conditioned student's (its config says so)
+        problems += _safetensors_problems(path / GUIDANCE_PROJ_WEIGHTS_NAME)
     ranks = expected_processes(path)
     problems += _archive_problems([path / f"random_states_{i}.pkl" for i in range(ranks)])
     problems += _archive_problems([path / "scheduler.bin"])

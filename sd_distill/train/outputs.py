@@ -13,7 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
+from ..conditioning import StudentWeights, load_student, save_student, student_weights
+from ..constants import (
+    CONFIG_FILE_NAME,
+    GUIDANCE_PROJ_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    SUMMARY_FILE_NAME,
+)
 from ..files import (
     OutputWriteError,
     as_write_error,
@@ -25,7 +32,7 @@ from ..files import (
     temp_sibling,
     write_atomically,
 )
-from ..lora import adapter_metadata, lora_state_dict, save_lora
+from ..lora import adapter_metadata
 from .checkpoint import deepspeed_engine
 from .collective import first_failure
 from .config import TrainConfig
@@ -37,11 +44,11 @@ def save_final(accelerator: Any, model: Any, config: TrainConfig, on_saved: Call
     """The adapter in diffusers LoRA format (with its adapter metadata), the config and a model card;
     then ``on_saved()`` and the fused pipeline if asked for. A failed write raises
     :class:`OutputWriteError` on every rank."""
-    lora = lora_state_dict(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
+    weights = student_weights(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
     failure = None
     if accelerator.is_main_process:
         try:
-            _write_final(lora, model, config)
+            _write_final(weights, model, config)
             if on_saved is not None:
                 on_saved()
             if config.export_fused_pipeline:
@@ -59,9 +66,9 @@ def save_final(accelerator: Any, model: Any, config: TrainConfig, on_saved: Call
         raise OutputWriteError(failure)
 
 
-def _write_final(lora: dict[str, Any], model: Any, config: TrainConfig) -> None:
+def _write_final(weights: StudentWeights, model: Any, config: TrainConfig) -> None:
     out = Path(config.output_dir)
-    save_lora(lora, out, adapter_metadata(model))
+    save_student(weights, out, adapter_metadata(model))
     write_atomically(out / CONFIG_FILE_NAME, config.to_json())
     write_atomically(out / MODEL_CARD_NAME, model_card(config))
     logger.info("saved the LoRA adapter to %s", out / LORA_WEIGHTS_NAME)
@@ -83,7 +90,7 @@ def export_fused_pipeline(
     pipe = StableDiffusionPipeline.from_pretrained(
         base, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(str(lora_dir))  # reads the adapter metadata: the trained alpha / r
+    load_student(pipe, lora_dir)  # cond_proj of a w-conditioned student; the LoRA with its alpha / r
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     final = Path(target)
@@ -126,13 +133,42 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def model_card(config: TrainConfig) -> str:
-    return f"""---
-base_model: {config.pretrained_model_name_or_path}
+    base, out = config.pretrained_model_name_or_path, config.output_dir
+    head = f"""---
+base_model: {base}
 library_name: diffusers
 tags: [stable-diffusion, lora, guidance-distillation, sd-distill]
 ---
-# Guidance-distilled LoRA for `{config.pretrained_model_name_or_path}`
+# Guidance-distilled LoRA for `{base}`
+"""
+    if config.conditioned_on_guidance:
+        low, high = config.guidance_scale_range or (config.guidance_scale, config.guidance_scale)
+        return (
+            head
+            + f"""
+One LoRA for every guidance scale in **[{low:g}, {high:g}]** (rank {config.lora_rank}): the student
+was told the scale through the UNet's `time_cond_proj_dim` (a {config.guidance_embedding_dim}-dim
+guidance embedding, `time_embedding.cond_proj` in `{GUIDANCE_PROJ_WEIGHTS_NAME}`) and learnt what the
+base predicts with classifier-free guidance at that scale. Stock `StableDiffusionPipeline` then samples
+it at any `guidance_scale` with **one UNet pass per step** (it skips CFG for such a UNet):
 
+```python
+from diffusers import StableDiffusionPipeline
+from sd_distill import load_student  # adds cond_proj, then loads the LoRA with its alpha
+pipe = load_student(StableDiffusionPipeline.from_pretrained("{base}"), "{out}")
+image = pipe("a photo of a cat", guidance_scale=7.5).images[0]
+```
+
+With `--export_fused_pipeline DIR` the folder DIR is a full pipeline that stock diffusers loads alone
+(`StableDiffusionPipeline.from_pretrained(DIR)`). In one-pass sampling `negative_prompt` and
+`guidance_rescale` are ignored (there is no unconditional pass to apply them to).
+
+Training settings are in `{CONFIG_FILE_NAME}`.
+"""
+        )
+    return (
+        head
+        + f"""
 This LoRA (rank {config.lora_rank}) was trained with sd-distill to make the UNet predict, in one
 conditional pass, what the base model predicts with classifier-free guidance at scale
 **{config.guidance_scale}**. Sample it with `guidance_scale=1` (one UNet pass per step, about twice
@@ -140,10 +176,11 @@ as fast as the base with guidance):
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")
-pipe.load_lora_weights("{config.output_dir}")
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", guidance_scale=1.0).images[0]
 ```
 
 Training settings are in `{CONFIG_FILE_NAME}`.
 """
+    )

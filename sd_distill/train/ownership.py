@@ -10,7 +10,14 @@ import re
 import tempfile
 from pathlib import Path
 
-from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, STATE_FILE_NAME, SUMMARY_FILE_NAME
+from ..constants import (
+    CONFIG_FILE_NAME,
+    GUIDANCE_PROJ_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    STATE_FILE_NAME,
+    SUMMARY_FILE_NAME,
+)
 from ..files import TEMP_MARK
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import TrainConfig
@@ -20,7 +27,7 @@ ABANDONED_PREFIX = "abandoned-"  # outputs of a run that a resume from an earlie
 PREVIOUS_PREFIX = ".sd-distill-previous-"  # a run being replaced by --overwrite_output_dir
 SHARED_TOKEN_PREFIX = ".sd-distill-shared-"  # the shared-disk check's token
 CARD_TAG = "sd-distill"  # in our model card's front matter
-_OUR_FILES = (LORA_WEIGHTS_NAME, CONFIG_FILE_NAME, SUMMARY_FILE_NAME, LOCK_NAME)
+_OUR_FILES = (LORA_WEIGHTS_NAME, GUIDANCE_PROJ_WEIGHTS_NAME, CONFIG_FILE_NAME, SUMMARY_FILE_NAME, LOCK_NAME)
 _OUR_PATTERNS = re.compile(
     rf"^(checkpoint-\d+|\.checkpoint-\d+\.(tmp|old)|{ABANDONED_PREFIX}.+|{re.escape(PREVIOUS_PREFIX)}.+|"
     rf"{re.escape(SHARED_TOKEN_PREFIX)}.+|\..+{re.escape(TEMP_MARK)}\d+)$"

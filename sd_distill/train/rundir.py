@@ -14,7 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..constants import CONFIG_FILE_NAME, LORA_WEIGHTS_NAME, MODEL_CARD_NAME, SUMMARY_FILE_NAME
+from ..constants import (
+    CONFIG_FILE_NAME,
+    GUIDANCE_PROJ_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    SUMMARY_FILE_NAME,
+)
 from ..files import fsync_dir, remove_quietly, remove_stale_temps, write_atomically, write_error
 from .collective import all_true, first_failure, from_main
 from .config import ConfigError, TrainConfig
@@ -203,7 +209,8 @@ def _abandon_later(out: Path, step: int) -> None:
     later = later_outputs(out, step)
     done = finished_run(out)
     if done is not None and done > step:
-        later += [out / n for n in (LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME, MODEL_CARD_NAME) if (out / n).exists()]
+        finals = (LORA_WEIGHTS_NAME, GUIDANCE_PROJ_WEIGHTS_NAME, SUMMARY_FILE_NAME, MODEL_CARD_NAME)
+        later += [out / n for n in finals if (out / n).exists()]
     folder = _set_aside(out, later, ABANDONED_PREFIX)
     if folder is not None:
         logger.warning(

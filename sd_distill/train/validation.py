@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..conditioning import UnconditionedView
 from ..files import OutputWriteError, write_error
 from ..lora import adapter_disabled
 from ..models import Components
@@ -54,6 +55,11 @@ def encoders_on(components: Components, device: torch.device) -> Iterator[None]:
             components.vae.to("cpu"), components.text_encoder.to("cpu")
 
 
+def student_scale(config: TrainConfig) -> float:
+    """A w-conditioned student is sampled at ``w`` (told it, one pass); a fixed-w one at 1 (one pass)."""
+    return config.guidance_scale if config.conditioned_on_guidance else 1.0
+
+
 def _pipeline(components: Components, unet: Any) -> Any:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -81,7 +87,9 @@ def _render(
 ) -> dict[str, list[Any]]:
     model.eval()
     pipe = _pipeline(components, model)
-    teacher_pipe = _pipeline(components, separate_teacher) if separate_teacher is not None else None
+    # the teacher: a second UNet, or the student with its adapter off, seen without its cond_proj
+    shared = separate_teacher is None
+    teacher_pipe = _pipeline(components, UnconditionedView(model) if shared else separate_teacher)
     images: dict[str, list[Any]] = {"student": [], "teacher": []}
     seed = config.seed if config.seed is not None else 0
     kw = {"num_inference_steps": config.num_validation_inference_steps, "output_type": "pil"}
@@ -89,13 +97,10 @@ def _render(
     for prompt in config.prompts_for_validation:
         with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             gen = torch.Generator(accelerator.device).manual_seed(seed)
-            images["student"].append(pipe(prompt, guidance_scale=1.0, generator=gen, **kw).images[0])
+            images["student"].append(pipe(prompt, guidance_scale=student_scale(config), generator=gen, **kw).images[0])
             gen = torch.Generator(accelerator.device).manual_seed(seed)
-            if teacher_pipe is not None:
+            with adapter_disabled(model) if shared else nullcontext():
                 images["teacher"].append(teacher_pipe(prompt, guidance_scale=w, generator=gen, **kw).images[0])
-            else:
-                with adapter_disabled(model):
-                    images["teacher"].append(pipe(prompt, guidance_scale=w, generator=gen, **kw).images[0])
     model.train()
     return images
 
@@ -108,7 +113,7 @@ def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(len(config.prompts_for_validation)):
-            images["student"][i].save(folder / f"{i:02d}-student-w1.png")
+            images["student"][i].save(folder / f"{i:02d}-student-w{student_scale(config):g}.png")
             images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
         (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
     except OSError as err:  # the checkpoints are intact
