@@ -178,12 +178,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(
     from sd_distill.files import OutputWriteError
     from sd_distill.train.integrity import checkpoint_damage
 
-    real = checkpoint.save_lora
+    real = checkpoint.save_student
 
-    def save_lora(state, folder, metadata):  # the disk fills up while checkpoint-4 is written
-        return FULL_DISK[style]() if ".checkpoint-4.tmp" in str(folder) else real(state, folder, metadata)
+    def save_student(weights, folder, metadata):  # the disk fills up while checkpoint-4 is written
+        return FULL_DISK[style]() if ".checkpoint-4.tmp" in str(folder) else real(weights, folder, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_lora", save_lora)
+    monkeypatch.setattr(checkpoint, "save_student", save_student)
     out = tmp_path / "out"
     with pytest.raises(OutputWriteError) as raised:
         run_training(train_args(tiny_model_dir, data, out, steps=6))
