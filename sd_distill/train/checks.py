@@ -40,6 +40,7 @@ def config_errors(config: TrainConfig) -> list[str]:
     _check_optimiser(config, need)
     _check_loop(config, need)
     _check_sources(config, need)
+    _check_states(config, need)
     _check_outputs(config, need)
     return errors
 
@@ -166,14 +167,17 @@ def _check_loop(c: TrainConfig, need: Need) -> None:
 
 def _check_sources(c: TrainConfig, need: Need) -> None:
     """Data, model and checkpoint paths that do not exist or are not what they should be."""
+    given = [f for f, v in (("--dataset_name", c.dataset_name), ("--train_data_dir", c.train_data_dir),
+                            ("--prompts_file", c.prompts_file)) if v is not None]  # fmt: skip
     need(
-        c.dataset_name is not None or c.train_data_dir is not None,
+        bool(given),
         "no training data: give --dataset_name (hub id, folder or data files) "
-        "or --train_data_dir (image folder with metadata.jsonl).",
+        "or --train_data_dir (image folder with metadata.jsonl)"
+        + (", or --prompts_file (one prompt per line)." if c.trajectory_states else "."),
     )
-    need(
-        c.dataset_name is None or c.train_data_dir is None, "give either --dataset_name or --train_data_dir, not both."
-    )
+    need(len(given) <= 1, f"give one of {', '.join(given)}, not several.")
+    if c.prompts_file is not None:
+        need(Path(c.prompts_file).is_file(), f"--prompts_file {c.prompts_file!r} is not a file.")
     if c.train_data_dir is not None:
         need(Path(c.train_data_dir).is_dir(), f"--train_data_dir {c.train_data_dir!r} is not a folder.")
     if c.dataset_name is not None and _looks_local(c.dataset_name):
@@ -205,6 +209,41 @@ def _check_sources(c: TrainConfig, need: Need) -> None:
         need(
             importlib.util.find_spec("wandb") is not None,
             f"--report_to {c.report_to} needs the wandb package: pip install wandb (or use tensorboard).",
+        )
+
+
+def _check_states(c: TrainConfig, need: Need) -> None:
+    """Trajectory settings in range, and the image-only flags refused where no image is read."""
+    for flag, value, low in (
+        ("--trajectory_steps", c.trajectory_steps, 1),
+        ("--trajectories_per_prompt", c.trajectories_per_prompt, 1),
+        ("--trajectory_shard_size", c.trajectory_shard_size, 1),
+        ("--trajectory_refresh_steps", c.trajectory_refresh_steps, 1),
+        ("--student_pool_trajectories", c.student_pool_trajectories, 1),
+    ):
+        need(value >= low, f"{flag} {value} must be at least {low}.")
+    need(c.trajectory_steps <= 1000, f"--trajectory_steps {c.trajectory_steps} must be at most 1000.")
+    need(
+        0.0 <= c.student_state_fraction <= 1.0,
+        f"--student_state_fraction {c.student_state_fraction} must be between 0 and 1.",
+    )
+    if not c.trajectory_states:
+        need(
+            c.prompts_file is None,
+            "--prompts_file trains on guided trajectories: add --train_states teacher_trajectories "
+            "(or student_trajectories), or give a dataset with images.",
+        )
+        return
+    for flag, value in (
+        ("--streaming", c.streaming),
+        ("--random_flip", c.random_flip),
+        ("--cache_latents", c.cache_latents),
+        ("--caption_dropout", c.caption_dropout > 0),
+    ):
+        need(
+            not value,
+            f"{flag} has no effect with --train_states {c.train_states} (no image is read and every stored "
+            "target is its prompt's guided prediction); leave it out.",
         )
 
 

@@ -94,6 +94,33 @@ class TrainConfig:
     default_prompt: str = _opt(
         "A man dancing", "Validation prompt used when --validation_prompts is not given (the seed's flag)."
     )
+    # --- training states -------------------------------------------------------------------
+    train_states: str = _opt(
+        "images",
+        "Where the states the student learns at come from. 'images': dataset images noised (the seed recipe). "
+        "'teacher_trajectories': the states guided DDIM sampling of the teacher visits, from prompts alone, with "
+        "the teacher's prediction stored (no teacher pass in the training step). 'student_trajectories': as "
+        "teacher_trajectories, plus states the current student visits when it samples itself (on-policy).",
+        choices=("images", "teacher_trajectories", "student_trajectories"),
+    )
+    prompts_file: Optional[str] = _opt(
+        None, "A UTF-8 text file, one prompt per line, instead of a dataset (with --train_states *_trajectories)."
+    )
+    trajectory_steps: int = _opt(25, "DDIM steps of each guided trajectory; every visited state is a training row.")
+    trajectories_per_prompt: int = _opt(1, "Trajectories (seeded noises) per prompt.")
+    trajectory_dir: Optional[str] = _opt(
+        None,
+        "Where the trajectory buffer is kept: fp16 shards, reused by later runs of the same settings and resumed "
+        "after a kill. Default: <cache_dir>/trajectories/<hash of its settings>.",
+    )
+    trajectory_shard_size: int = _opt(16, "Trajectories per buffer shard (also the generation batch per rank).")
+    trajectory_refresh_steps: int = _opt(
+        100, "With student_trajectories: the student walks a new pool of trajectories every N optimizer steps."
+    )
+    student_pool_trajectories: int = _opt(32, "With student_trajectories: trajectories in each pool (all ranks).")
+    student_state_fraction: float = _opt(
+        0.5, "With student_trajectories: share of each batch taken from the student's pool (the rest: the teacher's)."
+    )
     # --- caching -----------------------------------------------------------------------------
     cache_latents: Optional[bool] = _opt(
         None,
@@ -177,6 +204,11 @@ class TrainConfig:
     def conditioned_on_guidance(self) -> bool:
         """A student told w (one LoRA for every scale), rather than one fixed w."""
         return self.guidance_scale_range is not None
+
+    @property
+    def trajectory_states(self) -> bool:
+        """States from guided trajectories (prompts only), not from noised images."""
+        return self.train_states != "images"
 
     @property
     def prompts_for_validation(self) -> list[str]:

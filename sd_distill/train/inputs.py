@@ -41,14 +41,19 @@ def read_data(
 
 
 def make_dataloader(
-    config: TrainConfig, dataset: Any, sampler: EpochShuffleSampler | None, seed: int, device: torch.device
+    config: TrainConfig,
+    dataset: Any,
+    sampler: EpochShuffleSampler | None,
+    seed: int,
+    device: torch.device,
+    collate_fn: Any = collate,
 ) -> torch.utils.data.DataLoader:
     workers = config.dataloader_num_workers or 0
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         # a stream's epoch reaches its workers only when they start; a map-style epoch travels in the index

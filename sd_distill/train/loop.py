@@ -160,6 +160,9 @@ def _guard_update(tr: Training, loss_bad: torch.Tensor) -> torch.Tensor:
 def _after_update(tr: Training, run: _Progress) -> None:
     """After an optimizer step: agree, log, checkpoint and validate when due."""
     stats, config, step = run.stats, tr.config, run.stats.global_step
+    after_update = getattr(tr.source, "after_update", None)  # e.g. the student's pool, renewed when due
+    if after_update is not None and step < tr.schedule.max_steps:
+        after_update(step)  # before a checkpoint, which then holds what the next step trains on
     checkpoint_due = step % config.checkpointing_steps == 0
     if step % config.logging_steps == 0 or checkpoint_due or step >= tr.schedule.max_steps:
         _agree_and_log(tr, run)

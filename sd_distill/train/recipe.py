@@ -26,19 +26,27 @@ from .checks import raise_if_any
 from .config import TrainConfig, resolve_auto_cache
 from .data import TrainData
 from .distributed import is_deepspeed, register_lora_only_state_hooks
-from .inputs import cached_dataset, make_dataloader, read_data
+from .inputs import cached_dataset, make_dataloader
 from .integrity import load_state_or_error
 from .launch import check_prepared
-from .loader import EpochShuffleSampler
+from .loader import EpochShuffleSampler, collate
 from .loop import Stats, train_loop
+from .on_policy import StudentStates
 from .outputs import save_final, write_summary
 from .preflight import Preflight, preflight
 from .resume import check_compatible, check_work_left, honour_learning_rate
 from .rundir import RunDir
 from .schedule import Schedule
-from .states import NoisedImages, StateSource
+from .states import NoisedImages, StateSource, StoredStates
 from .step import Loss, make_loss
 from .targets import GuidanceConditionedTarget, GuidedTarget, Target, Teacher
+from .trajectory_inputs import (
+    TrajectoryInputs,
+    attach_student_walk,
+    collate_states,
+    prepare_trajectories,
+    read_inputs,
+)
 from .validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -111,21 +119,38 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
     set_seed(seed)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     # data first: bad data should fail before minutes of model loading
-    config, data, vae, latents = read_data(config, accelerator, weight_dtype)
+    config, data, vae, latents, prompts = read_inputs(config, accelerator, weight_dtype)
     config, schedule = _plan(config, data, accelerator.num_processes, resume_from)
 
     components, trainable_params, separate_teacher = _setup_models(config, accelerator, weight_dtype, vae)
     uncond_emb = encode_prompts(components.tokenizer, components.text_encoder, [""])  # [1, 77, D], once
-    dataset = cached_dataset(config, data, components, accelerator, latents)
+    trajectories = None
+    if prompts is None:
+        dataset = cached_dataset(config, data, components, accelerator, latents)
+    else:  # the teacher's buffer, sampled with the raw UNet before DeepSpeed wraps it
+        walk_dtype = torch.float32 if is_deepspeed(accelerator) else weight_dtype
+        trajectories = prepare_trajectories(config, prompts, components, uncond_emb, accelerator, walk_dtype)
+        dataset = trajectories.dataset
     sampler = None if config.streaming else EpochShuffleSampler(len(dataset), seed)
-    dataloader = make_dataloader(config, dataset, sampler, seed, accelerator.device)
+    dataloader = make_dataloader(
+        config, dataset, sampler, seed, accelerator.device, collate if trajectories is None else collate_states
+    )
     optimizer, lr_scheduler = _setup_optimizer(config, trainable_params, schedule, accelerator)
     student, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         components.unet, optimizer, dataloader, lr_scheduler
     )
     check_prepared(accelerator, student, config)
     model = accelerator.unwrap_model(student)
+    teacher = _teacher(student, model, separate_teacher)
+    objective = build_objective(config, components, uncond_emb, weight_dtype, trajectories)
+    if isinstance(objective["source"], StudentStates):  # before the restore: checkpoints hold its pool
+        attach_student_walk(
+            objective["source"], trajectories, components, student, teacher,
+            objective["target"].student_inputs, uncond_emb, accelerator, weight_dtype,
+        )  # fmt: skip
     start_step = _restore(accelerator, model, resume_from, lr_scheduler, _peak_lr(config, accelerator.num_processes))
+    if isinstance(objective["source"], StudentStates):
+        objective["source"].after_update(start_step)  # the first pool (a resumed run has its own)
     # only now, with everything loaded, is anything in the output folder moved or written
     pre.run_dir.begin(config, None if resume_from is None else start_step)
     accelerator.wait_for_everyone()
@@ -137,7 +162,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
         components=components,
         student=student,
         model=model,
-        teacher=_teacher(student, model, separate_teacher),
+        teacher=teacher,
         separate_teacher=separate_teacher,
         trainable_params=trainable_params,
         optimizer=optimizer,
@@ -147,7 +172,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
         dataloader=dataloader,
         data=data,
         schedule=schedule,
-        **build_objective(config, components, uncond_emb, weight_dtype),
+        **objective,
         weight_dtype=weight_dtype,
         seed=seed,
         start_step=start_step,
@@ -177,16 +202,42 @@ def _plan(
 
 
 def build_objective(
-    config: TrainConfig, components: Components, uncond_emb: torch.Tensor, weight_dtype: torch.dtype
+    config: TrainConfig,
+    components: Components,
+    uncond_emb: torch.Tensor,
+    weight_dtype: torch.dtype,
+    trajectories: TrajectoryInputs | None = None,
 ) -> dict[str, Any]:
     """The run's ``source`` of states, ``target`` and ``loss``: the one place the objective is chosen."""
     return {
-        "source": NoisedImages(components, uncond_emb, config.guidance_scales, config.caption_dropout, weight_dtype),
+        "source": _source(config, components, uncond_emb, weight_dtype, trajectories),
         "target": GuidanceConditionedTarget(uncond_emb, config.guidance_embedding_dim)
         if config.conditioned_on_guidance
         else GuidedTarget(uncond_emb),
         "loss": make_loss(config.loss, config.huber_c, config.snr_gamma, components.noise_scheduler),
     }
+
+
+def _source(
+    config: TrainConfig,
+    components: Components,
+    uncond_emb: torch.Tensor,
+    weight_dtype: torch.dtype,
+    trajectories: TrajectoryInputs | None,
+) -> StateSource:
+    if trajectories is None:
+        return NoisedImages(components, uncond_emb, config.guidance_scales, config.caption_dropout, weight_dtype)
+    if config.train_states == "teacher_trajectories":
+        return StoredStates(trajectories.prompt_embeddings, weight_dtype)
+    return StudentStates(
+        trajectories.prompt_embeddings,
+        weight_dtype,
+        fraction=config.student_state_fraction,
+        refresh_steps=config.trajectory_refresh_steps,
+        pool_trajectories=config.student_pool_trajectories,
+        scales=config.guidance_scales,
+        seed=config.seed if config.seed is not None else 0,
+    )
 
 
 def _setup_models(

@@ -32,6 +32,10 @@ RESUME_RULES: dict[str, str] = {
     "caption_column": MATCH, "max_train_samples": MATCH, "streaming": MATCH, "caption_dropout": MATCH,
     "resolution": MATCH, "center_crop": MATCH, "random_flip": MATCH,
     "cache_latents": MATCH, "cache_text_embeddings": MATCH,  # compared once "auto" is decided
+    # training states: the buffer (its settings), the student pool's schedule and mix
+    "train_states": MATCH, "prompts_file": MATCH, "trajectory_steps": MATCH, "trajectories_per_prompt": MATCH,
+    "trajectory_shard_size": MATCH, "trajectory_refresh_steps": MATCH, "student_pool_trajectories": MATCH,
+    "student_state_fraction": MATCH, "trajectory_dir": HONOUR,  # the buffer is found by its settings' hash
     # optimisation: the batch, the schedule's shape, and what the optimizer state restores anyway
     "train_batch_size": MATCH, "gradient_accumulation_steps": MATCH, "lr_scheduler": MATCH,
     "lr_warmup_steps": MATCH, "adam_beta1": MATCH, "adam_beta2": MATCH, "adam_weight_decay": MATCH,
@@ -50,7 +54,7 @@ RESUME_RULES: dict[str, str] = {
 }  # fmt: skip
 _DECIDED_LATER = ("cache_latents", "cache_text_embeddings")  # None (auto) until the data is read
 _FROM_LAUNCH = ("mixed_precision",)  # compared with what the accelerator runs (integrity.launch_mismatch)
-_PATHS = ("pretrained_model_name_or_path", "dataset_name", "train_data_dir")
+_PATHS = ("pretrained_model_name_or_path", "dataset_name", "train_data_dir", "prompts_file")
 
 
 class RunComplete(Exception):

@@ -29,6 +29,7 @@ import torch
 
 from ..guidance import GuidanceScales, teacher_cfg_prediction
 from ..models import Components
+from .loader import epoch_and_index
 from .targets import Teacher
 
 logger = logging.getLogger(__name__)
@@ -240,5 +241,6 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.buffer["t"])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {key: self.buffer[key][i] for key in self.KEYS}
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        _, i = epoch_and_index(key, 0)  # the sampler hands out (epoch, i); the rows do not depend on it
+        return {"index": i, **{name: self.buffer[name][i] for name in self.KEYS}}
