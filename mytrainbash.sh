@@ -12,6 +12,11 @@ OUTPUT_DIR="${OUTPUT_DIR:-./sd-distill-v21}"
 # DiffusionDB's first 10k images, read from the hub's parquet conversion (hub loading scripts,
 # which the seed relied on, are no longer supported by `datasets`).
 DATASET_NAME="${DATASET_NAME:-hf://datasets/poloclub/diffusiondb@refs%2Fconvert%2Fparquet/2m_first_10k/train/*.parquet}"
+# A prompts file (one per line) instead of a dataset: distils from guided trajectories, no image needed.
+PROMPTS_FILE="${PROMPTS_FILE:-}"
+# images (default; noised dataset images), teacher_trajectories or student_trajectories (README: which to pick)
+TRAIN_STATES="${TRAIN_STATES:-$([ -n "$PROMPTS_FILE" ] && echo teacher_trajectories || echo images)}"
+GUIDANCE_SCALE_RANGE="${GUIDANCE_SCALE_RANGE:-}"   # e.g. "1.5 10": one LoRA for every scale in the range
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"   # empty: accelerate's own default config
 DEFAULT_PROMPT="${DEFAULT_PROMPT:-A man dancing}"
 RESOLUTION="${RESOLUTION:-512}"
@@ -40,17 +45,27 @@ optional_args=()
 if [ -n "$GRADIENT_ACCUMULATION_STEPS" ]; then
   optional_args+=(--gradient_accumulation_steps="$GRADIENT_ACCUMULATION_STEPS")
 fi
+if [ -n "$PROMPTS_FILE" ]; then
+  data_args=(--prompts_file="$PROMPTS_FILE")
+else
+  data_args=(--dataset_name="$DATASET_NAME")
+fi
+if [ -n "$GUIDANCE_SCALE_RANGE" ]; then
+  read -r -a range <<< "$GUIDANCE_SCALE_RANGE"
+  optional_args+=(--guidance_scale_range "${range[@]}")
+fi
 if [ "$ALLOW_TF32" = "1" ]; then
   optional_args+=(--allow_tf32)
 fi
 
 mkdir -p "$OUTPUT_DIR"
-echo "distilling $MODEL_NAME (w=$GUIDANCE_SCALE) into a LoRA in $OUTPUT_DIR"
+echo "distilling $MODEL_NAME (w=${GUIDANCE_SCALE_RANGE:-$GUIDANCE_SCALE}, states: $TRAIN_STATES) into a LoRA in $OUTPUT_DIR"
 
 exec "$ACCELERATE" launch "${config_args[@]}" train_sd_distil_lora.py \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --output_dir="$OUTPUT_DIR" \
-  --dataset_name="$DATASET_NAME" \
+  "${data_args[@]}" \
+  --train_states="$TRAIN_STATES" \
   --default_prompt="$DEFAULT_PROMPT" \
   --resolution="$RESOLUTION" \
   --train_batch_size="$TRAIN_BATCH_SIZE" \

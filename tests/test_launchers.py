@@ -78,6 +78,28 @@ def test_mytrainbash_honours_env_overrides_and_passes_extra_args(tiny_model_dir:
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_mytrainbash_trains_from_a_prompts_file_at_a_range_of_scales(tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\na blue square\n")
+    env = {
+        **_env(),
+        "MODEL_NAME": str(tiny_model_dir),
+        "OUTPUT_DIR": str(out),
+        "PROMPTS_FILE": str(prompts),  # no DATASET_NAME: the launcher must not pass its hub default
+        "GUIDANCE_SCALE_RANGE": "2 8",
+        "ACCELERATE_CONFIG": str(ROOT / "accelerate_configs" / "cpu_demo.yaml"),
+        "RESOLUTION": "32",
+    }
+    argv = ["--max_train_steps", "2", "--report_to", "none", "--default_prompt", "", "--trajectory_steps", "2"]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "mytrainbash.sh"), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "sd_distill_config.json").read_text())
+    assert saved["train_states"] == "teacher_trajectories" and saved["dataset_name"] is None
+    assert saved["prompts_file"] == str(prompts) and saved["guidance_scale_range"] == [2.0, 8.0]
+
+
 def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The shipped ds json ("auto" batch size, accumulation, clipping, precision) on 2 CPU processes."""
     raw = yaml.safe_load((ROOT / "accelerate_configs" / "deepspeed_json.yaml").read_text())

@@ -1,0 +1,151 @@
+"""Step time by objective on the SD-2.1-base UNet architecture (random weights), CPU, side by side.
+
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.objectives --resolution 256 --rounds 5 [--out f.json]
+
+One UNet with a rank-4 LoRA (and a zero-initialised ``cond_proj``), cached latents and text
+embeddings, batch 1, AdamW; the variants are interleaved round by round (``bench.interleave``):
+
+- ``fixed_w``: today's step — noised image states, the teacher's batched ``[∅; c]`` pass, the student;
+- ``w_conditioned``: the same with ``--guidance_scale_range 1.5 10`` (the student is told w);
+- ``buffered``: a trajectory-buffer step — stored state and target, the student alone;
+- ``forward_fixed`` / ``forward_w``: one no-grad UNet call without / with ``timestep_cond`` (a sampling step);
+- ``walk_state``: generating one buffer state (a CFG teacher pass and a DDIM step), from ``trajectories.walk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from typing import Any
+
+import torch
+
+from benchmarks.bench import interleave
+from benchmarks.sd21 import build_unet
+
+
+def main() -> None:
+    from diffusers import DDIMScheduler
+
+    from sd_distill.conditioning import add_guidance_conditioning, guidance_projection, student_timestep_cond
+    from sd_distill.lora import adapter_disabled, attach_lora
+    from sd_distill.models import Components
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.recipe import build_objective
+    from sd_distill.train.step import distill_step
+    from sd_distill.train.trajectories import walk
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    unet = build_unet()
+    add_guidance_conditioning(unet, 256)
+    params = attach_lora(unet, 4)
+    projection = guidance_projection(unet)
+    projection.requires_grad_(True)
+    optimizer = torch.optim.AdamW([*params, projection.weight], lr=1e-5)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    components = Components(None, None, None, unet, scheduler)
+    g = torch.Generator().manual_seed(0)
+    lat = args.resolution // 8
+    uncond = torch.randn(1, 77, 1024, generator=g)
+    cached = {
+        "latents": torch.randn(1, 4, lat, lat, generator=g),
+        "text_embeddings": torch.randn(1, 77, 1024, generator=g),
+    }
+    fixed = build_objective(TrainConfig(), components, uncond, torch.float32)
+    ranged = build_objective(TrainConfig(guidance_scale_range=[1.5, 10.0]), components, uncond, torch.float32)
+    from sd_distill.train.states import StoredStates
+
+    stored = StoredStates(cached["text_embeddings"], torch.float32)
+    buffered_batch = {
+        "states": torch.randn(1, 4, lat, lat, generator=g),
+        "targets": torch.randn(1, 4, lat, lat, generator=g),
+        "t": torch.tensor([500]),
+        "w": torch.tensor([7.5]),
+        "prompt": torch.tensor([0]),
+    }
+    buffered = {**fixed, "source": stored}
+
+    @contextlib.contextmanager
+    def teacher() -> Any:
+        with adapter_disabled(unet):
+            yield unet
+
+    counter = {"n": 0}
+
+    def step(objective: dict[str, Any], batch: dict[str, Any]) -> float:
+        import time
+
+        counter["n"] += 1
+        gen = torch.Generator().manual_seed(counter["n"])
+        start = time.perf_counter()
+        per_sample, _ = distill_step(
+            batch, unet, teacher, objective["source"], objective["target"], objective["loss"], gen
+        )
+        per_sample.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    x = torch.randn(1, 4, lat, lat, generator=g)
+
+    @torch.no_grad()
+    def forward(with_w: bool) -> float:
+        import time
+
+        extra = {"timestep_cond": student_timestep_cond(torch.tensor([7.5]), 256, x)} if with_w else {}
+        start = time.perf_counter()
+        unet(x, torch.tensor([500]), encoder_hidden_states=cached["text_embeddings"], **extra)
+        return time.perf_counter() - start
+
+    def walk_state() -> float:
+        import time
+
+        start = time.perf_counter()
+        walk(components, teacher, cached["text_embeddings"], uncond, torch.tensor([7.5]), [0], 2, (4, lat, lat))
+        return (time.perf_counter() - start) / 2
+
+    variants = {
+        "fixed_w": lambda: step(fixed, cached),
+        "w_conditioned": lambda: step(ranged, cached),
+        "buffered": lambda: step(buffered, buffered_batch),
+        "forward_fixed": lambda: forward(False),
+        "forward_w": lambda: forward(True),
+        "walk_state": walk_state,
+    }
+    samples: dict[str, list[float]] = {}
+    median = interleave(variants, args.rounds, args.warmup, samples)
+    spec_bytes = 2 * 2 * 4 * lat * lat + 20
+    result = {
+        "resolution": args.resolution,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "median_s": median,
+        "samples_s": samples,
+        "ratios": {
+            "w_conditioned/fixed_w": median["w_conditioned"] / median["fixed_w"],
+            "buffered/fixed_w": median["buffered"] / median["fixed_w"],
+            "forward_w/forward_fixed": median["forward_w"] / median["forward_fixed"],
+        },
+        "cond_proj_params": projection.weight.numel(),
+        "lora_params": sum(p.numel() for p in params),
+        "buffer_bytes_per_state": spec_bytes,
+        "walk_s_per_state": median["walk_state"],
+        "spread_s": {k: statistics.pstdev(v) for k, v in samples.items()},
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
