@@ -159,6 +159,8 @@ def test_an_on_policy_run_resumes_bit_exactly(tiny_model_dir: Path, prompts_file
          "--student_state_fraction 1.5 must be between 0 and 1"),
         (["--prompts_file", "{p}", "--train_data_dir", "{d}", "--train_states", "teacher_trajectories"],
          "not several"),
+        (["--prompts_file", "{p}", "--train_states", "teacher_trajectories", "--trajectory_dir", "{d}"],
+         "holds files that are not a trajectory buffer"),  # {d} holds prompts.txt: the user's folder
     ],
 )  # fmt: skip
 def test_bad_trajectory_flags_are_one_error_line(

@@ -45,10 +45,13 @@ class _Ranks:
 
     def __init__(self, index: int = 0, world: int = 1) -> None:
         self.process_index, self.num_processes = index, world
-        self.is_main_process = index == 0
+        self.is_main_process, self.device = index == 0, torch.device("cpu")
 
     def wait_for_everyone(self) -> None:
         pass
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor * self.num_processes  # the other ranks see what this one sees
 
 
 def test_a_teacher_trajectory_is_the_stock_ddim_cfg_run(tiny_model_dir: Path) -> None:
@@ -105,10 +108,16 @@ def test_a_killed_generation_keeps_its_finished_shards_and_gives_the_same_buffer
     assert len(full["t"]) == len(PROMPTS) * spec.steps and sorted(set(full["prompt"].tolist())) == [0, 1, 2]
 
 
-def test_two_ranks_split_the_shards_without_overlap_or_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_two_ranks_split_the_shards_without_overlap_or_loss(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from sd_distill.train.config import ConfigError
+
+    monkeypatch.setenv("SD_DISTILL_SHARED_WAIT_S", "0")
     spec = _build(tmp_path / "one", tiny_model_dir, _Ranks())
     shared = tmp_path / "two"
-    _build(shared, tiny_model_dir, _Ranks(0, 2))  # rank 0 (main) writes the spec and its shards only
+    # rank 0 (main) writes the spec and its shards only; alone, it cannot see rank 1's: as on a
+    # machine whose --trajectory_dir is not shared, it stops with one message instead of crashing
+    with pytest.raises(ConfigError, match="not on a disk that every machine shares"):
+        _build(shared, tiny_model_dir, _Ranks(0, 2))
     assert sorted(p.name for p in shared.glob("shard-*")) == ["shard-00000.safetensors"]
     _build(shared, tiny_model_dir, _Ranks(1, 2))
     assert sorted(p.name for p in shared.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]

@@ -227,6 +227,14 @@ def _check_states(c: TrainConfig, need: Need) -> None:
         0.0 <= c.student_state_fraction <= 1.0,
         f"--student_state_fraction {c.student_state_fraction} must be between 0 and 1.",
     )
+    if c.trajectory_dir is not None:
+        folder = Path(c.trajectory_dir)
+        need(not folder.is_file(), f"--trajectory_dir {c.trajectory_dir!r} is a file; give a folder.")
+        need(
+            not folder.is_dir() or not any(folder.iterdir()) or (folder / "buffer.json").is_file(),
+            f"--trajectory_dir {c.trajectory_dir!r} holds files that are not a trajectory buffer; give a new "
+            "or empty folder (or one an earlier run's buffer is in).",
+        )
     if not c.trajectory_states:
         need(
             c.prompts_file is None,

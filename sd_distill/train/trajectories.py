@@ -152,7 +152,7 @@ def build_buffer(
     _check_spec(folder, spec, accelerator)
     mine = [k for k in range(spec.num_shards) if k % accelerator.num_processes == accelerator.process_index]
     todo = [k for k in mine if not shard_path(folder, k).is_file()]
-    _check_space(folder, spec, len(todo))
+    _check_space(folder, spec, len(todo), accelerator)
     start = time.perf_counter()
     for shard in todo:
         first = shard * spec.shard_size
@@ -182,7 +182,30 @@ def build_buffer(
             seconds / max(1, len(todo) * spec.shard_size * spec.steps),
         )
     accelerator.wait_for_everyone()
+    _check_all_visible(folder, spec, accelerator)
     return folder
+
+
+def _check_all_visible(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
+    """Every rank reads every shard: on machines without a shared ``--trajectory_dir`` each sees only
+    its own machine's, so all stop with one message (no rank waits for another that crashed)."""
+    from .collective import all_true
+    from .rundir import SHARED_WAIT_S
+
+    wait = float(os.environ.get("SD_DISTILL_SHARED_WAIT_S", SHARED_WAIT_S))
+    deadline = time.monotonic() + wait
+    missing = [k for k in range(spec.num_shards) if not shard_path(folder, k).is_file()]
+    while missing and time.monotonic() < deadline:  # a network filesystem may show them late
+        time.sleep(0.2)
+        missing = [k for k in missing if not shard_path(folder, k).is_file()]
+    if not all_true(accelerator, not missing):
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"the trajectory buffer {folder} is not on a disk that every machine shares: each rank generates "
+            "its share of the shards and every rank reads all of them. Put --trajectory_dir (or --cache_dir) on "
+            "a shared filesystem, at the same path on every machine."
+        )
 
 
 def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
@@ -203,16 +226,22 @@ def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
         )
 
 
-def _check_space(folder: Path, spec: TrajectorySpec, shards: int) -> None:
+def _check_space(folder: Path, spec: TrajectorySpec, shards: int, accelerator: Any) -> None:
+    """Room for this rank's missing shards; a rank short of it stops every rank (none waits alone)."""
+    from .collective import first_failure
+    from .config import ConfigError
+
     need = shards * spec.shard_size * spec.steps * spec.bytes_per_state()
     free = shutil.disk_usage(folder).free
+    problem = None
     if need > free:
-        from .config import ConfigError
-
-        raise ConfigError(
+        problem = (
             f"the trajectory buffer needs {need / 2**30:.2f} GiB more in {folder} but only "
             f"{free / 2**30:.2f} GiB are free; free space, or lower --trajectory_steps or the number of prompts."
         )
+    problem = first_failure(accelerator, problem)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def load_buffer(folder: Path, spec: TrajectorySpec) -> dict[str, torch.Tensor]:
