@@ -123,3 +123,15 @@ def test_two_ranks_split_the_shards_without_overlap_or_loss(tiny_model_dir: Path
     assert sorted(p.name for p in shared.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     merged, single = load_buffer(shared, spec), load_buffer(tmp_path / "one", spec)
     assert all(torch.equal(merged[k], single[k]) for k in single)
+
+
+def test_a_disk_without_room_for_the_buffer_is_refused_before_generating(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import sd_distill.train.shards as shards
+    from sd_distill.train.config import ConfigError
+
+    monkeypatch.setattr(shards, "free_bytes", lambda folder: 1000)  # a nearly full disk
+    with pytest.raises(ConfigError, match="not enough disk space for the trajectory buffer"):
+        _build(tmp_path / "full", tiny_model_dir, _Ranks())
+    assert not list((tmp_path / "full").glob("shard-*"))

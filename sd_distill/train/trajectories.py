@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -228,20 +227,10 @@ def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
 
 def _check_space(folder: Path, spec: TrajectorySpec, shards: int, accelerator: Any) -> None:
     """Room for this rank's missing shards; a rank short of it stops every rank (none waits alone)."""
-    from .collective import first_failure
-    from .config import ConfigError
+    from .shards import agree_on_error, space_error
 
     need = shards * spec.shard_size * spec.steps * spec.bytes_per_state()
-    free = shutil.disk_usage(folder).free
-    problem = None
-    if need > free:
-        problem = (
-            f"the trajectory buffer needs {need / 2**30:.2f} GiB more in {folder} but only "
-            f"{free / 2**30:.2f} GiB are free; free space, or lower --trajectory_steps or the number of prompts."
-        )
-    problem = first_failure(accelerator, problem)
-    if problem is not None:
-        raise ConfigError(problem)
+    agree_on_error(accelerator, space_error(folder, need, "trajectory buffer"))
 
 
 def load_buffer(folder: Path, spec: TrajectorySpec) -> dict[str, torch.Tensor]:
