@@ -26,11 +26,11 @@ CHUNK = 16  # rows per chunk: one VAE / text-encoder batch
 
 def my_chunks(n: int, accelerator: Any) -> list[range]:
     """This rank's chunks of ``range(n)``."""
-    world, rank = _world(accelerator)
+    world, rank = world_and_rank(accelerator)
     return [range(s, min(s + CHUNK, n)) for s in range(rank * CHUNK, n, world * CHUNK)]
 
 
-def _world(accelerator: Any) -> tuple[int, int]:
+def world_and_rank(accelerator: Any) -> tuple[int, int]:
     """``(ranks, this rank)`` as the collectives see them. accelerate can report several processes
     with no process group (``--multi_gpu`` without CUDA): then each works alone, on every row."""
     from accelerate.utils import DistributedType
@@ -42,7 +42,7 @@ def _world(accelerator: Any) -> tuple[int, int]:
 
 def gather(accelerator: Any, mine: Any) -> list[Any]:
     """Every rank's ``mine``, in rank order (small objects: row lists, counts, messages)."""
-    if _world(accelerator)[0] == 1:
+    if world_and_rank(accelerator)[0] == 1:
         return [mine]
     from accelerate.utils import gather_object
 
@@ -66,7 +66,7 @@ def exchange(
     """Every rank's tensors ``mine``, in rank order, and whether ``folder`` is one disk for all ranks:
     parts go through files there when every rank can read every rank's part, else through the process
     group. Every rank calls this."""
-    world, rank = _world(accelerator)
+    world, rank = world_and_rank(accelerator)
     if world == 1:
         return [mine], True
     from safetensors.torch import load_file

@@ -29,6 +29,7 @@ import torch
 from ..guidance import GuidanceScales, teacher_cfg_prediction
 from ..models import Components
 from .loader import epoch_and_index
+from .shards import agree_on_error, space_error, world_and_rank
 from .targets import Teacher
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def build_buffer(
 
     folder.mkdir(parents=True, exist_ok=True)
     _check_spec(folder, spec, accelerator)
-    mine = [k for k in range(spec.num_shards) if k % accelerator.num_processes == accelerator.process_index]
+    world, rank = world_and_rank(accelerator)
+    mine = [k for k in range(spec.num_shards) if k % world == rank]
     todo = [k for k in mine if not shard_path(folder, k).is_file()]
     _check_space(folder, spec, len(todo), accelerator)
     start = time.perf_counter()
@@ -175,7 +177,7 @@ def build_buffer(
     if todo:
         logger.info(
             "rank %d generated %d trajectory shard(s) in %.1f s (%.3f s per state)",
-            accelerator.process_index,
+            rank,
             len(todo),
             seconds,
             seconds / max(1, len(todo) * spec.shard_size * spec.steps),
@@ -227,8 +229,6 @@ def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
 
 def _check_space(folder: Path, spec: TrajectorySpec, shards: int, accelerator: Any) -> None:
     """Room for this rank's missing shards; a rank short of it stops every rank (none waits alone)."""
-    from .shards import agree_on_error, space_error
-
     need = shards * spec.shard_size * spec.steps * spec.bytes_per_state()
     agree_on_error(accelerator, space_error(folder, need, "trajectory buffer"))
 
