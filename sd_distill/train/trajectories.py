@@ -29,7 +29,7 @@ import torch
 from ..guidance import GuidanceScales, teacher_cfg_prediction
 from ..models import Components
 from .loader import epoch_and_index
-from .shards import agree_on_error, space_error, world_and_rank
+from .shards import agree_on_error, every_rank, space_error, world_and_rank
 from .targets import Teacher
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,6 @@ def build_buffer(
 def _check_all_visible(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
     """Every rank reads every shard: on machines without a shared ``--trajectory_dir`` each sees only
     its own machine's, so all stop with one message (no rank waits for another that crashed)."""
-    from .collective import all_true
     from .rundir import SHARED_WAIT_S
 
     wait = float(os.environ.get("SD_DISTILL_SHARED_WAIT_S", SHARED_WAIT_S))
@@ -199,7 +198,7 @@ def _check_all_visible(folder: Path, spec: TrajectorySpec, accelerator: Any) -> 
     while missing and time.monotonic() < deadline:  # a network filesystem may show them late
         time.sleep(0.2)
         missing = [k for k in missing if not shard_path(folder, k).is_file()]
-    if not all_true(accelerator, not missing):
+    if not every_rank(accelerator, not missing):
         from .config import ConfigError
 
         raise ConfigError(
