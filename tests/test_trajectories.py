@@ -46,6 +46,7 @@ class _Ranks:
     def __init__(self, index: int = 0, world: int = 1) -> None:
         self.process_index, self.num_processes = index, world
         self.is_main_process, self.device = index == 0, torch.device("cpu")
+        self.is_local_main_process = self.is_main_process
         self.distributed_type = "MULTI_CPU" if world > 1 else "NO"
 
     def wait_for_everyone(self) -> None:

@@ -155,7 +155,10 @@ def build_buffer(
     todo = [k for k in mine if not shard_path(folder, k).is_file()]
     _check_space(folder, spec, len(todo), accelerator)
     start = time.perf_counter()
-    for shard in todo:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(todo, desc="trajectories", unit="shard", disable=not accelerator.is_local_main_process)
+    for shard in bar:
         first = shard * spec.shard_size
         trajectories = range(first, min(first + spec.shard_size, spec.num_trajectories))
         prompts = [j % spec.num_prompts for j in trajectories]
