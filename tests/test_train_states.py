@@ -172,3 +172,21 @@ def test_bad_trajectory_flags_are_one_error_line(
     flags = [f.format(p=prompts_file, d=tmp_path) for f in flags]
     config = parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), *flags])
     assert any(message in e for e in config_errors(config)), config_errors(config)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"a red circle\n\xff\xfe broken\n", "is not UTF-8 text"), (b"# only a comment\n\n", "has no prompts")],
+)
+def test_a_bad_prompts_file_is_one_error_before_any_model_loads(
+    content: bytes, message: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import sd_distill.train.recipe as recipe
+    from sd_distill.train.config import ConfigError
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    monkeypatch.setattr(recipe, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run_training(_args(tiny_model_dir, tmp_path / "out", ["--prompts_file", str(path), "--train_states",
+                                                               "teacher_trajectories"]))  # fmt: skip
