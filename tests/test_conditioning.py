@@ -113,9 +113,10 @@ def test_a_fused_student_samples_any_scale_in_one_pass_in_stock_diffusers(tiny_m
             stock("a red circle", num_inference_steps=3, guidance_scale=g, generator=gen, output_type="np").images[0]
         )
 
-    low, high, again = image(2.0), image(10.0), image(2.0)
-    assert calls == [1] * 3 * 3  # 3 images x 3 steps, each one UNet call of batch 1
+    low, high, again, near, nearer = image(2.0), image(10.0), image(2.0), image(7.5), image(7.6)
+    assert calls == [1] * 5 * 3  # 5 images x 3 steps, each one UNet call of batch 1
     assert (low - high).abs().max() > 1e-3 and torch.equal(low, again)  # the scale reaches the student
+    assert (low - high).abs().mean() > (near - nearer).abs().mean()  # and smoothly: far scales differ more
 
 
 def test_the_comparison_at_several_scales_writes_a_section_per_scale_and_the_curve(
