@@ -22,6 +22,20 @@ def _env() -> dict[str, str]:
     return subprocess_env(PATH=bin_dir + os.pathsep + os.environ["PATH"])
 
 
+def _launch(config: Path, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file config train_sd_distil_lora.py args`` on a free port."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", "0"]
+    return subprocess.run(
+        [*cmd, str(ROOT / "train_sd_distil_lora.py"), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_accelerate_config_loads(path: Path) -> None:
     from accelerate.commands.config.config_args import load_config_from_file
@@ -133,23 +147,7 @@ def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp
         "--max_grad_norm",
         "0.5",
     ]
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("accelerate")),
-            "launch",
-            "--config_file",
-            str(config),
-            "--main_process_port",
-            "0",
-            str(ROOT / "train_sd_distil_lora.py"),
-            *args,
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=420,
-        cwd=ROOT,
-    )
+    proc = _launch(config, args, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 2
     # What DeepSpeed really used (its checkpoint records it): the flags, not accelerate's constants.
@@ -190,24 +188,7 @@ def test_a_yaml_accumulation_that_contradicts_the_flag_stops_before_loading(
         "--report_to",
         "none",
     ]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    proc = subprocess.run(
-        [
-            accelerate,
-            "launch",
-            "--config_file",
-            str(config),
-            "--main_process_port",
-            "0",
-            str(ROOT / "train_sd_distil_lora.py"),
-            *args,
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    proc = _launch(config, args, timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]  # the launcher reports a child's exit 2 as 1
     assert (
         "--gradient_accumulation_steps 2" in proc.stderr
