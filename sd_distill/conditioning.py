@@ -32,19 +32,46 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     Always computed in float32 (sin/cos of arguments up to ~1e4 lose everything in half precision);
     callers cast the result. Feed it ``guidance_scale - 1``, as the pipeline does.
     """
-    w = w.float().reshape(-1) * 1000.0
-    half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, dtype=torch.float32, device=w.device) * -(torch.log(torch.tensor(10000.0)) / (half - 1))
-    )
-    angles = w[:, None] * freqs[None, :]
+    w = w.float().reshape(-1) * 1000.0  # in the pipeline's order of operations, so equal to the last bit
+    angles = w[:, None] * _frequencies(dim, w.device)[None, :]
     return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
 
 
-def student_timestep_cond(w: float | torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """The ``timestep_cond`` a student gets at guidance scale(s) ``w`` for the batch ``like`` ``[B, ...]``."""
+def _frequencies(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[dim // 2]``: each sin/cos pair turns by this many radians as ``1000 w`` grows by 1."""
+    half = dim // 2
+    return torch.exp(
+        torch.arange(half, dtype=torch.float32, device=device) * -(torch.log(torch.tensor(10000.0)) / (half - 1))
+    )
+
+
+# A feature that turns by more than this per unit of w is, for w drawn from a continuous range, noise.
+_SMOOTH_RADIANS_PER_UNIT_W = 1.0
+
+
+def smooth_features(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[dim]`` 0/1 mask of the embedding's slowly turning features (a quarter of them).
+
+    The embedding scales ``w`` by 1000, so three quarters of its features turn by 1 to 1000 radians
+    per unit of ``w``: over a range they are pseudo-random numbers, not a description of ``w``. Fed to
+    ``cond_proj`` they only add noise (Adam moves a weight on noise as far as one on signal), which
+    shows as a student that is good at some scales and off at their neighbours. Trained on the smooth
+    features alone, the other columns of ``cond_proj`` stay exactly zero, so the stock pipeline's full
+    embedding gives the same output."""
+    slow = (1000.0 * _frequencies(dim, device) <= _SMOOTH_RADIANS_PER_UNIT_W).float()
+    return torch.nn.functional.pad(torch.cat([slow, slow]), (0, dim % 2))
+
+
+def student_timestep_cond(
+    w: float | torch.Tensor, dim: int, like: torch.Tensor, smooth_only: bool = False
+) -> torch.Tensor:
+    """The ``timestep_cond`` a student gets at guidance scale(s) ``w`` for the batch ``like`` ``[B, ...]``
+    (in training, with ``smooth_only``, its features that turn slowly with ``w``; see :func:`smooth_features`)."""
     scales = torch.as_tensor(w, dtype=torch.float32, device=like.device).reshape(-1).expand(like.shape[0])
-    return guidance_embedding(scales - 1, dim).to(like.dtype)
+    embedding = guidance_embedding(scales - 1, dim)
+    if smooth_only:
+        embedding = embedding * smooth_features(dim, like.device)
+    return embedding.to(like.dtype)
 
 
 def guidance_projection(unet: torch.nn.Module) -> torch.nn.Linear | None:

@@ -74,6 +74,21 @@ class GuidanceScales:
             w = self.low + u * (self.high - self.low)
         return w.to(device)
 
+    def balanced_loss_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """``[B]`` weights ``∝ 1 / w²`` with mean 1 over the range's own distribution of ``w``.
+
+        The guided target's distance from the conditional prediction grows as ``(w - 1)``, so a plain
+        MSE over a range is ruled by the highest scales and leaves the lowest ones barely fitted;
+        ``1 / w²`` counts every scale's error relative to its size. The normaliser (``E[1 / w²]``,
+        in closed form) keeps the loss, and so the learning rate and clipping, on the scale of the
+        unweighted one."""
+        a, b = self.low, self.high
+        if self.sampling == "log":
+            mean_inverse_square = (1 / a**2 - 1 / b**2) / (2 * math.log(b / a))
+        else:
+            mean_inverse_square = 1 / (a * b)
+        return 1 / (w.float() ** 2 * mean_inverse_square)
+
 
 def sample_timesteps(
     batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device | str

@@ -126,6 +126,23 @@ def test_resume_from_nothing_and_from_an_incompatible_checkpoint(
     assert code == 2 and "lora_rank" in err and "other/model" in err
 
 
+def test_a_checkpoint_older_than_a_setting_is_compared_as_it_ran(tmp_path: Path, data: Path) -> None:
+    """A checkpoint that predates --guidance_embedding_features trained on the full embedding; turning
+    the new setting on at resume would change the objective unseen, so it is refused."""
+    from sd_distill.train.config import parse_args
+    from sd_distill.train.resume import compatibility_errors
+
+    fake_checkpoint(tmp_path / "out", 2, {"guidance_scale_range": [2.0, 8.0]})
+    range_flags = ["--guidance_scale_range", "2", "8"]
+    config = parse_args(train_args(tmp_path, data, tmp_path / "out", *range_flags))
+    assert compatibility_errors(tmp_path / "out" / "checkpoint-2", config, ("guidance_embedding_features",)) == []
+    smooth = parse_args(
+        train_args(tmp_path, data, tmp_path / "out", *range_flags, "--guidance_embedding_features", "smooth")
+    )
+    errors = compatibility_errors(tmp_path / "out" / "checkpoint-2", smooth, ("guidance_embedding_features",))
+    assert errors and "checkpoint has 'full', this run has 'smooth'" in errors[0]
+
+
 def test_fp16_on_a_cpu_is_refused(
     tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -191,6 +208,8 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
         (["--max_consecutive_nonfinite", "0"], "--max_consecutive_nonfinite 0 must be at least 1"),
         (["--learning_rate", "inf"], "--learning_rate inf is not a finite number"),
         (["--guidance_scale", "nan"], "--guidance_scale nan is not a finite number"),
+        (["--guidance_loss_weighting", "inverse_square"], "add --guidance_scale_range"),
+        (["--guidance_embedding_features", "smooth"], "add --guidance_scale_range"),
     ],
 )
 def test_every_numeric_flag_has_a_range(tmp_path: Path, data: Path, flags: list[str], words: str) -> None:

@@ -43,6 +43,17 @@ def test_the_embedding_is_the_pipelines() -> None:
     assert torch.equal(guidance_embedding(w, DIM), expected)
 
 
+def test_the_smooth_features_are_those_that_turn_at_most_a_radian_per_unit_of_w() -> None:
+    from sd_distill.conditioning import smooth_features
+
+    w = torch.linspace(0.5, 9.0, 200)
+    step = (guidance_embedding(w + 0.01, 256) - guidance_embedding(w, 256)).abs().amax(0)  # [256] per feature
+    smooth = smooth_features(256).bool()
+    assert smooth.sum() == 64  # a quarter: 32 sin/cos pairs
+    assert step[smooth].max() <= 0.0101  # |d/dw| <= 1 rad per unit of w
+    assert step[~smooth].min() > 0.0101
+
+
 def test_training_conditions_on_what_the_stock_pipeline_passes_at_each_scale(tiny_model_dir: Path) -> None:
     pipe = _pipe(tiny_model_dir)
     add_guidance_conditioning(pipe.unet, DIM)

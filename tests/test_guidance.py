@@ -65,3 +65,31 @@ def test_min_snr_weights_stay_finite_on_a_zero_terminal_snr_schedule(prediction_
     assert torch.isfinite(w).all()
     # Low noise (huge SNR) is down-weighted below the high-noise end.
     assert w[0] < w[1]
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "log"])
+def test_balanced_loss_weights_fall_as_one_over_w_squared_with_mean_one_over_the_range(sampling: str) -> None:
+    from sd_distill.guidance import GuidanceScales
+
+    scales = GuidanceScales(1.5, 10.0, sampling)
+    w = scales.draw(200_000, torch.Generator().manual_seed(0), "cpu")
+    weights = scales.balanced_loss_weights(w)
+    assert weights.mean().item() == pytest.approx(1.0, rel=0.01)  # the normaliser is E[1 / w^2] of the draw
+    pair = scales.balanced_loss_weights(torch.tensor([2.0, 8.0]))
+    assert (pair[0] / pair[1]).item() == pytest.approx(16.0)
+
+
+def test_the_balanced_loss_weights_a_range_batch_and_leaves_a_fixed_w_batch_alone() -> None:
+    from sd_distill.guidance import GuidanceScales
+    from sd_distill.train.states import TrainingStates
+    from sd_distill.train.step import make_loss
+
+    pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    t, cond = torch.tensor([10, 20]), torch.zeros(2, 3, 8)
+    balanced = make_loss("mse", 0.001, None, None, GuidanceScales(2.0, 8.0))
+    plain = make_loss("mse", 0.001, None, None)
+    ranged = TrainingStates(pred, t, cond, torch.tensor([2.0, 8.0]))
+    assert torch.allclose(plain(pred, target, ranged), torch.ones(2))
+    assert torch.allclose(balanced(pred, target, ranged), torch.tensor([4.0, 0.25]))  # 16 / w^2
+    fixed = TrainingStates(pred, t, cond, 7.5)
+    assert torch.equal(balanced(pred, target, fixed), plain(pred, target, fixed))

@@ -58,6 +58,32 @@ def test_a_range_run_trains_cond_proj_and_saves_it_beside_the_lora(tiny_model_di
     assert guidance_projection(pipe.unet) is not None and pipe.unet.config.time_cond_proj_dim == 32
 
 
+def test_a_student_trained_on_the_smooth_features_samples_the_same_from_the_stock_embedding(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from sd_distill.conditioning import smooth_features
+
+    data, out = write_image_folder(tmp_path / "data", n=4), tmp_path / "out"
+    _, training = run_training(
+        train_args(tiny_model_dir, data, out, *RANGE, "--guidance_embedding_features", "smooth", steps=4)
+    )
+    weight = _weights(out)["time_embedding.cond_proj.weight"]  # [C, 32]
+    smooth = smooth_features(32).bool()
+    assert 0 < smooth.sum() < 32
+    assert weight[:, smooth].abs().sum() > 0 and torch.equal(weight[:, ~smooth], torch.zeros_like(weight[:, ~smooth]))
+
+    pipe = load_student(StableDiffusionPipeline.from_pretrained(tiny_model_dir), out)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(1))
+    t, w = torch.tensor([100, 800]), torch.tensor([3.0, 6.0])
+    with torch.no_grad():
+        trained = training.model(x, t, emb, timestep_cond=student_timestep_cond(w, 32, x, smooth_only=True)).sample
+        stock = pipe.unet(x, t, emb, timestep_cond=student_timestep_cond(w, 32, x)).sample  # what the pipeline passes
+    assert torch.allclose(trained, stock, atol=1e-5)
+
+
 def test_a_range_run_resumes_to_the_same_lora_and_cond_proj(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", n=4)
     run_training(train_args(tiny_model_dir, data, tmp_path / "whole", *RANGE, steps=4))

@@ -123,6 +123,14 @@ def _check_values(c: TrainConfig, need: Need) -> None:
     if c.guidance_scale_range is not None:
         low, high = c.guidance_scale_range
         need(1 <= low < high, f"--guidance_scale_range {low:g} {high:g} must satisfy 1 <= W_MIN < W_MAX (e.g. 2 12).")
+    for flag, value, default in (
+        ("guidance_loss_weighting", c.guidance_loss_weighting, "none"),
+        ("guidance_embedding_features", c.guidance_embedding_features, "full"),
+    ):
+        need(
+            c.guidance_scale_range is not None or value == default,
+            f"--{flag} {value} applies to a student told w; add --guidance_scale_range W_MIN W_MAX or drop it.",
+        )
     need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")
     need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
     need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")

@@ -53,7 +53,19 @@ class TrainConfig:
         "How w is drawn in --guidance_scale_range: uniform in w, or uniform in log w.",
         choices=("uniform", "log"),
     )
+    guidance_loss_weighting: str = _opt(
+        "none",
+        "With --guidance_scale_range: 'inverse_square' weights each sample's loss by 1/w^2 (mean 1 over the "
+        "range), so the small targets of low scales count as much as the large ones of high scales.",
+        choices=("none", "inverse_square"),
+    )
     guidance_embedding_dim: int = _opt(256, "Size of the guidance-scale embedding (time_cond_proj_dim; LCM uses 256).")
+    guidance_embedding_features: str = _opt(
+        "full",
+        "'smooth': cond_proj learns from the embedding's features that turn slowly with w only (the rest "
+        "stay zero, so stock pipelines sample it unchanged); 'full': from all of them.",
+        choices=("full", "smooth"),
+    )
     teacher: str = _opt(
         "shared",
         "'shared': the teacher is the same UNet with the adapter disabled (one copy of the weights); "

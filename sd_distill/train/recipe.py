@@ -211,10 +211,18 @@ def build_objective(
     """The run's ``source`` of states, ``target`` and ``loss``: the one place the objective is chosen."""
     return {
         "source": _source(config, components, uncond_emb, weight_dtype, trajectories),
-        "target": GuidanceConditionedTarget(uncond_emb, config.guidance_embedding_dim)
+        "target": GuidanceConditionedTarget(
+            uncond_emb, config.guidance_embedding_dim, config.guidance_embedding_features == "smooth"
+        )
         if config.conditioned_on_guidance
         else GuidedTarget(uncond_emb),
-        "loss": make_loss(config.loss, config.huber_c, config.snr_gamma, components.noise_scheduler),
+        "loss": make_loss(
+            config.loss,
+            config.huber_c,
+            config.snr_gamma,
+            components.noise_scheduler,
+            config.guidance_scales if config.guidance_loss_weighting == "inverse_square" else None,
+        ),
     }
 
 

@@ -27,6 +27,7 @@ RESUME_RULES: dict[str, str] = {
     "guidance_scale": MATCH, "loss": MATCH, "huber_c": MATCH, "snr_gamma": MATCH, "seed": MATCH,
     "lora_rank": MATCH, "lora_alpha": MATCH, "lora_dropout": MATCH, "lora_target_modules": MATCH,
     "guidance_scale_range": MATCH, "guidance_scale_sampling": MATCH, "guidance_embedding_dim": MATCH,
+    "guidance_loss_weighting": MATCH, "guidance_embedding_features": MATCH,
     # data: which rows, in which order, how they are cropped, flipped, captioned and cached
     "dataset_name": MATCH, "dataset_config_name": MATCH, "train_data_dir": MATCH, "image_column": MATCH,
     "caption_column": MATCH, "max_train_samples": MATCH, "streaming": MATCH, "caption_dropout": MATCH,
@@ -112,9 +113,14 @@ def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<s
     return [f"checkpoint {str(path)!r} is incomplete or damaged ({'; '.join(problems)}); {more}."]
 
 
+# Settings added after checkpoints were first written, with the behaviour those checkpoints had: an
+# older checkpoint is compared as if it had saved them, so a resume cannot switch them on unseen.
+_BEFORE_THEY_EXISTED: dict[str, Any] = {"guidance_loss_weighting": "none", "guidance_embedding_features": "full"}
+
+
 def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> list[str]:
     """One message listing every MATCH setting (or only ``names``) that differs from the checkpoint's."""
-    saved = read_json_object(path / "sd_distill_config.json")
+    saved = {**_BEFORE_THEY_EXISTED, **read_json_object(path / "sd_distill_config.json")}
     names = names or tuple(k for k, rule in RESUME_RULES.items() if rule == MATCH and k not in _FROM_LAUNCH)
     diffs = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {getattr(config, key)!r}"

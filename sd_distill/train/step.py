@@ -7,21 +7,30 @@ from typing import Any
 
 import torch
 
-from ..guidance import distillation_loss, min_snr_weights
-from .states import StateSource
+from ..guidance import GuidanceScales, distillation_loss, min_snr_weights
+from .states import StateSource, TrainingStates
 from .targets import Target, Teacher
 
-# (student prediction, target, timesteps) -> per-sample loss [B]
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (student prediction, target, the states they are at) -> per-sample loss [B]
+Loss = Callable[[torch.Tensor, torch.Tensor, TrainingStates], torch.Tensor]
 
 
-def make_loss(kind: str, huber_c: float, snr_gamma: float | None, noise_scheduler: Any) -> Loss:
-    """MSE or Huber between student and target, optionally min-SNR weighted per timestep."""
+def make_loss(
+    kind: str,
+    huber_c: float,
+    snr_gamma: float | None,
+    noise_scheduler: Any,
+    balance_scales: GuidanceScales | None = None,
+) -> Loss:
+    """MSE or Huber between student and target, optionally min-SNR weighted per timestep and, over a
+    range of guidance scales, balanced across scales (``balance_scales``: weights ``∝ 1 / w²``)."""
 
-    def loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(pred: torch.Tensor, target: torch.Tensor, states: TrainingStates) -> torch.Tensor:
         per_sample = distillation_loss(pred, target, kind, huber_c)
         if snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
+            per_sample = per_sample * min_snr_weights(noise_scheduler, states.t, snr_gamma)
+        if balance_scales is not None and isinstance(states.w, torch.Tensor):
+            per_sample = per_sample * balance_scales.balanced_loss_weights(states.w).to(per_sample.device)
         return per_sample
 
     return loss
@@ -51,4 +60,4 @@ def distill_step(
     pred = student(
         states.x_t, states.t, encoder_hidden_states=states.cond, return_dict=False, **target.student_inputs(states)
     )[0]
-    return loss(pred, goal, states.t), states.t
+    return loss(pred, goal, states), states.t

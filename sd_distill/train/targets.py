@@ -51,9 +51,10 @@ class GuidanceConditionedTarget(GuidedTarget):
     ``w - 1`` as ``timestep_cond``, what stock ``StableDiffusionPipeline`` passes for ``guidance_scale=w``
     once the UNet has ``time_cond_proj_dim``. The teacher pass gets no ``timestep_cond``."""
 
-    def __init__(self, uncond_emb: torch.Tensor, embedding_dim: int) -> None:
+    def __init__(self, uncond_emb: torch.Tensor, embedding_dim: int, smooth_only: bool = False) -> None:
         super().__init__(uncond_emb)
-        self.embedding_dim = embedding_dim
+        self.embedding_dim, self.smooth_only = embedding_dim, smooth_only
 
     def student_inputs(self, states: TrainingStates) -> dict[str, Any]:
-        return {"timestep_cond": student_timestep_cond(states.w, self.embedding_dim, states.x_t)}
+        cond = student_timestep_cond(states.w, self.embedding_dim, states.x_t, self.smooth_only)
+        return {"timestep_cond": cond}
