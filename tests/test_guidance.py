@@ -93,3 +93,13 @@ def test_the_balanced_loss_weights_a_range_batch_and_leaves_a_fixed_w_batch_alon
     assert torch.allclose(balanced(pred, target, ranged), torch.tensor([4.0, 0.25]))  # 16 / w^2
     fixed = TrainingStates(pred, t, cond, 7.5)
     assert torch.equal(balanced(pred, target, fixed), plain(pred, target, fixed))
+
+
+def test_a_range_student_is_balanced_across_scales_unless_told_otherwise(tmp_path: Path) -> None:
+    from sd_distill.train.config import parse_args
+
+    base = ["--output_dir", str(tmp_path / "out")]
+    assert parse_args(base).guidance_loss_weighting == "none"  # one w: nothing to balance
+    ranged = [*base, "--guidance_scale_range", "2", "8"]
+    assert parse_args(ranged).guidance_loss_weighting == "inverse_square"
+    assert parse_args([*ranged, "--guidance_loss_weighting", "none"]).guidance_loss_weighting == "none"

@@ -53,10 +53,11 @@ class TrainConfig:
         "How w is drawn in --guidance_scale_range: uniform in w, or uniform in log w.",
         choices=("uniform", "log"),
     )
-    guidance_loss_weighting: str = _opt(
-        "none",
+    guidance_loss_weighting: Optional[str] = _opt(
+        None,
         "With --guidance_scale_range: 'inverse_square' weights each sample's loss by 1/w^2 (mean 1 over the "
-        "range), so the small targets of low scales count as much as the large ones of high scales.",
+        "range), so the small targets of low scales count as much as the large ones of high scales; 'none': "
+        "plain loss. Default: inverse_square with a range, none without.",
         choices=("none", "inverse_square"),
     )
     guidance_embedding_dim: int = _opt(256, "Size of the guidance-scale embedding (time_cond_proj_dim; LCM uses 256).")
@@ -207,6 +208,10 @@ class TrainConfig:
     tracker_project_name: str = _opt("sd-distill", "Project name in the tracker.")
 
     # -----------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.guidance_loss_weighting is None:  # the default depends on the range; saved as decided
+            self.guidance_loss_weighting = "none" if self.guidance_scale_range is None else "inverse_square"
+
     @property
     def guidance_scales(self) -> GuidanceScales:
         low, high = self.guidance_scale_range or (self.guidance_scale, self.guidance_scale)
