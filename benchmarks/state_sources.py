@@ -5,9 +5,10 @@
 
 Each variant ``SOURCE:W`` (or ``SOURCE:LOW-HIGH`` for one w-conditioned LoRA, ``SOURCE:W@STEPS`` for
 another step count) is trained with the real CLI (the demo's settings: 1,024-row synthetic set or its
-captions, batch 16, rank 16 on ResNets + attention, lr 1e-3, 500 steps), then every student, the teacher
-with CFG and the teacher without it render the 12 held-out prompts of the demo with 4 seeds each (20
-DDIM steps, one generator per image). Per eval scale g: caption adherence (toy checker) and MSE to the
+captions, batch 16, rank 16 on ResNets + attention, and the time embedding for a range, lr 1e-3, 500
+steps), then every student, the teacher with CFG and the teacher without it render the 12 held-out
+prompts of the demo with 4 seeds each (20 DDIM steps, one generator per image).
+Per eval scale g: caption adherence (toy checker) and MSE to the
 teacher-CFG(g) images; the mean and the spread (population std) over the training seeds, each run's
 figure being the mean over its 48 images. Wall-clock of every training (buffer generation included).
 """
@@ -31,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "models" / "toy-sd"
 TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
+# A range student's LoRA also reaches the time embedding, where it is told w (the CLI's default for a range).
+RANGE_TARGETS = [*TARGETS, "time_embedding.linear_1", "time_embedding.linear_2"]
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -54,7 +57,8 @@ def train(variant: dict[str, Any], seed: int, args: argparse.Namespace, data: Pa
         "--pretrained_model_name_or_path", str(TEACHER), "--train_data_dir", str(data),
         "--output_dir", str(out), "--overwrite_output_dir", "--resolution", "32",
         "--train_batch_size", "16", "--learning_rate", "1e-3", "--lora_rank", "16",
-        "--lora_target_modules", *TARGETS, "--max_train_steps", str(steps), "--seed", str(seed),
+        "--lora_target_modules", *(RANGE_TARGETS if variant["range"] else TARGETS),
+        "--max_train_steps", str(steps), "--seed", str(seed),
         "--checkpointing_steps", str(steps), "--report_to", "none", "--default_prompt", "",
         "--cache_dir", str(out / "cache"), "--train_states", variant["source"],
         "--trajectory_steps", str(args.trajectory_steps),

@@ -95,11 +95,15 @@ def test_the_balanced_loss_weights_a_range_batch_and_leaves_a_fixed_w_batch_alon
     assert torch.equal(balanced(pred, target, fixed), plain(pred, target, fixed))
 
 
-def test_a_range_student_is_balanced_across_scales_unless_told_otherwise(tmp_path: Path) -> None:
+def test_a_range_student_is_balanced_and_trains_its_time_embedding_unless_told_otherwise(tmp_path: Path) -> None:
     from sd_distill.train.config import parse_args
 
     base = ["--output_dir", str(tmp_path / "out")]
-    assert parse_args(base).guidance_loss_weighting == "none"  # one w: nothing to balance
+    fixed = parse_args(base)
+    assert fixed.guidance_loss_weighting == "none"  # one w: nothing to balance
+    assert not any("time_embedding" in m for m in fixed.lora_target_modules)
     ranged = [*base, "--guidance_scale_range", "2", "8"]
     assert parse_args(ranged).guidance_loss_weighting == "inverse_square"
-    assert parse_args([*ranged, "--guidance_loss_weighting", "none"]).guidance_loss_weighting == "none"
+    assert {"time_embedding.linear_1", "time_embedding.linear_2"} <= set(parse_args(ranged).lora_target_modules)
+    told = parse_args([*ranged, "--guidance_loss_weighting", "none", "--lora_target_modules", "to_q"])
+    assert told.guidance_loss_weighting == "none" and told.lora_target_modules == ["to_q"]

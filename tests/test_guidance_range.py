@@ -84,6 +84,18 @@ def test_a_student_trained_on_the_smooth_features_samples_the_same_from_the_stoc
     assert torch.allclose(trained, stock, atol=1e-5)
 
 
+def test_a_range_run_whose_lora_leaves_out_the_time_embedding_says_so(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_image_folder(tmp_path / "data", n=4)
+    argv = train_args(tiny_model_dir, data, tmp_path / "out", *RANGE, "--lora_target_modules", "to_q", steps=1)
+    with caplog.at_level("WARNING"):
+        run_training(argv)
+    assert any("time embedding without LoRA" in r.getMessage() for r in caplog.records)
+    trained = load_file(str(tmp_path / "out" / LORA_WEIGHTS_NAME))
+    assert not any("time_embedding" in k for k in trained)  # honoured, not changed
+
+
 def test_a_range_run_resumes_to_the_same_lora_and_cond_proj(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", n=4)
     run_training(train_args(tiny_model_dir, data, tmp_path / "whole", *RANGE, steps=4))

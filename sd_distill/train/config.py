@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..constants import DEFAULT_BASE_MODEL
 from ..guidance import GuidanceScales
-from ..lora import DEFAULT_TARGET_MODULES
+from ..lora import DEFAULT_TARGET_MODULES, TIME_EMBEDDING_TARGET_MODULES
 from ..options import build_parser as _build_parser
 from ..options import option as _opt
 
@@ -80,8 +80,11 @@ class TrainConfig:
     lora_rank: int = _opt(4, "LoRA rank r.")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha (scale = alpha / r); defaults to the rank.")
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = _opt(
-        DEFAULT_TARGET_MODULES, "UNet module names that get LoRA (the attention projections by default).", nargs="+"
+    lora_target_modules: Optional[list[str]] = _opt(
+        None,
+        "UNet module names that get LoRA. Default: the attention projections, and with --guidance_scale_range "
+        "also the time embedding (time_embedding.linear_1 linear_2), through which the student is told w.",
+        nargs="+",
     )
     # --- data --------------------------------------------------------------------------------
     dataset_name: Optional[str] = _opt(
@@ -209,8 +212,12 @@ class TrainConfig:
 
     # -----------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        if self.guidance_loss_weighting is None:  # the default depends on the range; saved as decided
-            self.guidance_loss_weighting = "none" if self.guidance_scale_range is None else "inverse_square"
+        # defaults that depend on the range, saved as decided
+        ranged = self.guidance_scale_range is not None
+        if self.guidance_loss_weighting is None:
+            self.guidance_loss_weighting = "inverse_square" if ranged else "none"
+        if self.lora_target_modules is None:
+            self.lora_target_modules = [*DEFAULT_TARGET_MODULES, *(TIME_EMBEDDING_TARGET_MODULES if ranged else ())]
 
     @property
     def guidance_scales(self) -> GuidanceScales:

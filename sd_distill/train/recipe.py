@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..conditioning import add_guidance_conditioning, guidance_projection
-from ..lora import adapter_disabled, attach_lora
+from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora, lora_parameters
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step
 from .checks import raise_if_any
@@ -267,6 +267,12 @@ def _setup_models(
         components.unet, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
     projection = guidance_projection(components.unet)
+    if projection is not None and not any(n.startswith("time_embedding.") for n in lora_parameters(components.unet)):
+        logger.warning(
+            "--lora_target_modules leaves the time embedding without LoRA, so w reaches the student through "
+            "cond_proj alone: the low scales of the range fit worse (BENCHMARKS.md); add %s to train it",
+            " ".join(TIME_EMBEDDING_TARGET_MODULES),
+        )
     if projection is not None:  # trains with the LoRA (and is saved beside it)
         projection.requires_grad_(True)
         trainable_params.append(projection.weight)
