@@ -17,7 +17,7 @@ from .files import replace_atomically
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # The time embedding's MLP: the only way w reaches a guidance-conditioned student (``cond_proj`` feeds
 # it). Trained, it maps w to what each scale needs; frozen, the low scales of a range stayed far from the
-# teacher (toy teacher, 3 seeds: MSE at g = 2 fell from 0.0056 to 0.0019 with it, BENCHMARKS.md).
+# teacher (toy teacher, 3 seeds: MSE at g = 2 fell from 0.0056 to 0.0027 with it, BENCHMARKS.md).
 TIME_EMBEDDING_TARGET_MODULES: tuple[str, ...] = ("time_embedding.linear_1", "time_embedding.linear_2")
 # Attention, transformer projections and the ResNets (convolutions and their time-embedding input), as
 # LCM-LoRA trains. Needed when the caption also reaches the ResNets, as in the toy teacher, whose pooled

@@ -267,13 +267,13 @@ def _setup_models(
         components.unet, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
     projection = guidance_projection(components.unet)
-    if projection is not None and not any(n.startswith("time_embedding.") for n in lora_parameters(components.unet)):
-        logger.warning(
-            "--lora_target_modules leaves the time embedding without LoRA, so w reaches the student through "
-            "cond_proj alone: the low scales of the range fit worse (BENCHMARKS.md); add %s to train it",
-            " ".join(TIME_EMBEDDING_TARGET_MODULES),
-        )
     if projection is not None:  # trains with the LoRA (and is saved beside it)
+        if not any(n.startswith("time_embedding.") for n in lora_parameters(components.unet)):
+            logger.warning(
+                "--lora_target_modules leaves the time embedding without LoRA, so w reaches the student through "
+                "cond_proj alone: the low scales of the range fit worse (BENCHMARKS.md); add %s to train it",
+                " ".join(TIME_EMBEDDING_TARGET_MODULES),
+            )
         projection.requires_grad_(True)
         trainable_params.append(projection.weight)
     for p in trainable_params:
