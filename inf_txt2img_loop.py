@@ -11,9 +11,17 @@ import os
 import sys
 
 from sd_distill.eval.compare import CompareError, parse_args, run
+from sd_distill.processes import close_process_group
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _compare(argv)
+    finally:
+        close_process_group()  # else a finished comparison under accelerate launch may abort at exit
+
+
+def _compare(argv: list[str] | None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # other ranks log warnings only
     logging.basicConfig(
         level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

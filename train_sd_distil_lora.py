@@ -13,6 +13,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd_distill.processes import close_process_group
+
+    try:
+        return _train(argv)
+    finally:
+        close_process_group()  # every exit, not only end_training's: else a rank may abort at exit
+
+
+def _train(argv: list[str] | None) -> int:
     from sd_distill.files import OutputWriteError
     from sd_distill.train import ConfigError, RunComplete, TrainingError, parse_args, run
 

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sd_distill"
 MODULES = sorted(PACKAGE.rglob("*.py"))
-PURE_LAYERS = ("constants", "options", "files", "guidance", "models", "lora")
+PURE_LAYERS = ("constants", "options", "files", "guidance", "models", "lora", "processes")
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 400
 
