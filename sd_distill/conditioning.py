@@ -13,6 +13,7 @@ stock ``load_lora_weights`` rejects non-LoRA keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def _frequencies(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
 _SMOOTH_RADIANS_PER_UNIT_W = 1.0
 
 
+@functools.lru_cache(maxsize=8)  # built once per (dim, device), not at every micro-step
 def smooth_features(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[dim]`` 0/1 mask of the embedding's slowly turning features (a quarter of them).
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import DATA_SUFFIXES, DEFAULT_BASE_MODEL
-from .config import ConfigError, TrainConfig
+from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 
 
 def validate(config: TrainConfig) -> None:
@@ -123,12 +123,10 @@ def _check_values(c: TrainConfig, need: Need) -> None:
     if c.guidance_scale_range is not None:
         low, high = c.guidance_scale_range
         need(1 <= low < high, f"--guidance_scale_range {low:g} {high:g} must satisfy 1 <= W_MIN < W_MAX (e.g. 2 12).")
-    for flag, value, default in (
-        ("guidance_loss_weighting", c.guidance_loss_weighting, "none"),
-        ("guidance_embedding_features", c.guidance_embedding_features, "full"),
-    ):
+    for flag, off in GUIDANCE_OPTIONS_OFF.items():
+        value = getattr(c, flag)
         need(
-            c.guidance_scale_range is not None or value == default,
+            c.guidance_scale_range is not None or value == off,
             f"--{flag} {value} applies to a student told w; add --guidance_scale_range W_MIN W_MAX or drop it.",
         )
     need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")

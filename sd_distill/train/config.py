@@ -19,6 +19,11 @@ from ..options import option as _opt
 # per row at SD-2.1 sizes (512 px), so 20k rows stay within a few GB of RAM.
 AUTO_CACHE_MAX_ROWS = 20_000
 
+# Options of a student told w, by name: their "off" value (all a fixed-w student may have, and what
+# checkpoints written before the options existed did).
+GUIDANCE_OPTIONS_OFF = {"guidance_loss_weighting": "none", "guidance_embedding_features": "full"}
+INVERSE_SQUARE, SMOOTH_FEATURES = "inverse_square", "smooth"
+
 
 class ConfigError(ValueError):
     """Bad user input. The CLI prints the message (no traceback) and exits with status 2."""
@@ -58,14 +63,14 @@ class TrainConfig:
         "With --guidance_scale_range: 'inverse_square' weights each sample's loss by 1/w^2 (mean 1 over the "
         "range), so the small targets of low scales count as much as the large ones of high scales; 'none': "
         "plain loss. Default: inverse_square with a range, none without.",
-        choices=("none", "inverse_square"),
+        choices=(GUIDANCE_OPTIONS_OFF["guidance_loss_weighting"], INVERSE_SQUARE),
     )
     guidance_embedding_dim: int = _opt(256, "Size of the guidance-scale embedding (time_cond_proj_dim; LCM uses 256).")
     guidance_embedding_features: str = _opt(
-        "full",
+        GUIDANCE_OPTIONS_OFF["guidance_embedding_features"],
         "'smooth': cond_proj learns from the embedding's features that turn slowly with w only (the rest "
         "stay zero, so stock pipelines sample it unchanged); 'full': from all of them.",
-        choices=("full", "smooth"),
+        choices=(GUIDANCE_OPTIONS_OFF["guidance_embedding_features"], SMOOTH_FEATURES),
     )
     teacher: str = _opt(
         "shared",
@@ -215,7 +220,7 @@ class TrainConfig:
         # defaults that depend on the range, saved as decided
         ranged = self.guidance_scale_range is not None
         if self.guidance_loss_weighting is None:
-            self.guidance_loss_weighting = "inverse_square" if ranged else "none"
+            self.guidance_loss_weighting = INVERSE_SQUARE if ranged else GUIDANCE_OPTIONS_OFF["guidance_loss_weighting"]
         if self.lora_target_modules is None:
             self.lora_target_modules = [*DEFAULT_TARGET_MODULES, *(TIME_EMBEDDING_TARGET_MODULES if ranged else ())]
 

@@ -23,7 +23,7 @@ from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora,
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step
 from .checks import raise_if_any
-from .config import TrainConfig, resolve_auto_cache
+from .config import INVERSE_SQUARE, SMOOTH_FEATURES, TrainConfig, resolve_auto_cache
 from .data import TrainData
 from .distributed import is_deepspeed, register_lora_only_state_hooks
 from .inputs import cached_dataset, make_dataloader
@@ -212,7 +212,7 @@ def build_objective(
     return {
         "source": _source(config, components, uncond_emb, weight_dtype, trajectories),
         "target": GuidanceConditionedTarget(
-            uncond_emb, config.guidance_embedding_dim, config.guidance_embedding_features == "smooth"
+            uncond_emb, config.guidance_embedding_dim, config.guidance_embedding_features == SMOOTH_FEATURES
         )
         if config.conditioned_on_guidance
         else GuidedTarget(uncond_emb),
@@ -221,7 +221,7 @@ def build_objective(
             config.huber_c,
             config.snr_gamma,
             components.noise_scheduler,
-            config.guidance_scales if config.guidance_loss_weighting == "inverse_square" else None,
+            config.guidance_scales if config.guidance_loss_weighting == INVERSE_SQUARE else None,
         ),
     }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..constants import LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME
 from .checkpoint import list_checkpoints, read_step
-from .config import ConfigError, TrainConfig
+from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 from .integrity import checkpoint_damage, launch_mismatch, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<s
 
 # Settings added after checkpoints were first written, with the behaviour those checkpoints had: an
 # older checkpoint is compared as if it had saved them, so a resume cannot switch them on unseen.
-_BEFORE_THEY_EXISTED: dict[str, Any] = {"guidance_loss_weighting": "none", "guidance_embedding_features": "full"}
+_BEFORE_THEY_EXISTED: dict[str, Any] = dict(GUIDANCE_OPTIONS_OFF)
 
 
 def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> list[str]:
