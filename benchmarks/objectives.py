@@ -7,6 +7,7 @@ embeddings, batch 1, AdamW; the variants are interleaved round by round (``bench
 
 - ``fixed_w``: today's step — noised image states, the teacher's batched ``[∅; c]`` pass, the student;
 - ``w_conditioned``: the same with ``--guidance_scale_range 1.5 10`` (the student is told w);
+- ``w_conditioned_time_embedding``: that, with the LoRA also on the time embedding (a range's default), own UNet;
 - ``buffered``: a trajectory-buffer step — stored state and target, the student alone;
 - ``forward_fixed`` / ``forward_w``: one no-grad UNet call without / with ``timestep_cond`` (a sampling step);
 - ``walk_state``: generating one buffer state (a CFG teacher pass and a DDIM step), from ``trajectories.walk``.
@@ -30,7 +31,12 @@ def main() -> None:
     from diffusers import DDIMScheduler
 
     from sd_distill.conditioning import add_guidance_conditioning, guidance_projection, student_timestep_cond
-    from sd_distill.lora import adapter_disabled, attach_lora
+    from sd_distill.lora import (
+        DEFAULT_TARGET_MODULES,
+        TIME_EMBEDDING_TARGET_MODULES,
+        adapter_disabled,
+        attach_lora,
+    )
     from sd_distill.models import Components
     from sd_distill.train.config import TrainConfig
     from sd_distill.train.recipe import build_objective
@@ -44,14 +50,6 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    unet = build_unet()
-    add_guidance_conditioning(unet, 256)
-    params = attach_lora(unet, 4)
-    projection = guidance_projection(unet)
-    projection.requires_grad_(True)
-    optimizer = torch.optim.AdamW([*params, projection.weight], lr=1e-5)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    components = Components(None, None, None, unet, scheduler)
     g = torch.Generator().manual_seed(0)
     lat = args.resolution // 8
     uncond = torch.randn(1, 77, 1024, generator=g)
@@ -59,8 +57,48 @@ def main() -> None:
         "latents": torch.randn(1, 4, lat, lat, generator=g),
         "text_embeddings": torch.randn(1, 77, 1024, generator=g),
     }
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    counter = {"n": 0}
+
+    def student(targets: tuple[str, ...]) -> tuple[Any, Any, list[torch.nn.Parameter]]:
+        """A UNet with ``cond_proj`` and a rank-4 LoRA on ``targets``, and the step that trains it."""
+        unet = build_unet()
+        add_guidance_conditioning(unet, 256)
+        params = attach_lora(unet, 4, target_modules=targets)
+        projection = guidance_projection(unet)
+        projection.requires_grad_(True)
+        optimizer = torch.optim.AdamW([*params, projection.weight], lr=1e-5)
+
+        @contextlib.contextmanager
+        def teacher() -> Any:
+            with adapter_disabled(unet):
+                yield unet
+
+        def step(objective: dict[str, Any], batch: dict[str, Any]) -> float:
+            import time
+
+            counter["n"] += 1
+            gen = torch.Generator().manual_seed(counter["n"])
+            start = time.perf_counter()
+            per_sample, _ = distill_step(
+                batch, unet, teacher, objective["source"], objective["target"], objective["loss"], gen
+            )
+            per_sample.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+        return unet, step, params
+
+    unet, step, params = student(DEFAULT_TARGET_MODULES)
+    # the CLI's default for a range: the LoRA also reaches the time embedding, where w enters
+    unet_te, step_te, params_te = student((*DEFAULT_TARGET_MODULES, *TIME_EMBEDDING_TARGET_MODULES))
+    projection = guidance_projection(unet)
+    components = Components(None, None, None, unet, scheduler)
     fixed = build_objective(TrainConfig(), components, uncond, torch.float32)
     ranged = build_objective(TrainConfig(guidance_scale_range=[1.5, 10.0]), components, uncond, torch.float32)
+    components_te = Components(None, None, None, unet_te, scheduler)
+    ranged_te = build_objective(TrainConfig(guidance_scale_range=[1.5, 10.0]), components_te, uncond, torch.float32)
     from sd_distill.train.states import StoredStates
 
     stored = StoredStates(cached["text_embeddings"], torch.float32)
@@ -77,22 +115,6 @@ def main() -> None:
     def teacher() -> Any:
         with adapter_disabled(unet):
             yield unet
-
-    counter = {"n": 0}
-
-    def step(objective: dict[str, Any], batch: dict[str, Any]) -> float:
-        import time
-
-        counter["n"] += 1
-        gen = torch.Generator().manual_seed(counter["n"])
-        start = time.perf_counter()
-        per_sample, _ = distill_step(
-            batch, unet, teacher, objective["source"], objective["target"], objective["loss"], gen
-        )
-        per_sample.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
     x = torch.randn(1, 4, lat, lat, generator=g)
 
@@ -115,6 +137,7 @@ def main() -> None:
     variants = {
         "fixed_w": lambda: step(fixed, cached),
         "w_conditioned": lambda: step(ranged, cached),
+        "w_conditioned_time_embedding": lambda: step_te(ranged_te, cached),
         "buffered": lambda: step(buffered, buffered_batch),
         "forward_fixed": lambda: forward(False),
         "forward_w": lambda: forward(True),
@@ -131,11 +154,13 @@ def main() -> None:
         "samples_s": samples,
         "ratios": {
             "w_conditioned/fixed_w": median["w_conditioned"] / median["fixed_w"],
+            "w_conditioned_time_embedding/fixed_w": median["w_conditioned_time_embedding"] / median["fixed_w"],
             "buffered/fixed_w": median["buffered"] / median["fixed_w"],
             "forward_w/forward_fixed": median["forward_w"] / median["forward_fixed"],
         },
         "cond_proj_params": projection.weight.numel(),
         "lora_params": sum(p.numel() for p in params),
+        "lora_params_time_embedding": sum(p.numel() for p in params_te),
         "buffer_bytes_per_state": spec_bytes,
         "walk_s_per_state": median["walk_state"],
         "spread_s": {k: statistics.pstdev(v) for k, v in samples.items()},
