@@ -8,6 +8,7 @@ otherwise reported as ``None`` with the reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from statistics import mean
@@ -85,5 +86,10 @@ def fidelity(
     out = psnr_ssim(preds, targets)
     out["lpips"], out["lpips_reason"] = lpips(preds, targets)
     if out["lpips"] is None:
-        logger.info("%s", out["lpips_reason"])
+        _say_once(out["lpips_reason"])
     return out
+
+
+@functools.cache  # the same reason for every column and scale: log it once per process
+def _say_once(message: str) -> None:
+    logger.info("%s", message)
