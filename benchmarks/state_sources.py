@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from sd_distill.lora import TIME_EMBEDDING_TARGET_MODULES
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "models" / "toy-sd"
 TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
 # A range student's LoRA also reaches the time embedding, where it is told w (the CLI's default for a range).
-RANGE_TARGETS = [*TARGETS, "time_embedding.linear_1", "time_embedding.linear_2"]
+RANGE_TARGETS = [*TARGETS, *TIME_EMBEDDING_TARGET_MODULES]
 
 
 def parse_variant(text: str) -> dict[str, Any]:
