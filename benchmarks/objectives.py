@@ -1,6 +1,7 @@
 """Step time by objective on the SD-2.1-base UNet architecture (random weights), CPU, side by side.
 
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.objectives --resolution 256 --rounds 5 [--out f.json]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.objectives --resolution 256 --rounds 5 [--out f.json]
+        [--only VARIANT ...]  [--flops]
 
 One UNet with a rank-4 LoRA (and a zero-initialised ``cond_proj``), cached latents and text
 embeddings, batch 1, AdamW; the variants are interleaved round by round (``bench.interleave``):
@@ -11,6 +12,9 @@ embeddings, batch 1, AdamW; the variants are interleaved round by round (``bench
 - ``buffered``: a trajectory-buffer step — stored state and target, the student alone;
 - ``forward_fixed`` / ``forward_w``: one no-grad UNet call without / with ``timestep_cond`` (a sampling step);
 - ``walk_state``: generating one buffer state (a CFG teacher pass and a DDIM step), from ``trajectories.walk``.
+
+``--only`` times a subset (more rounds in the same time); ``--flops`` also counts each variant's FLOPs once,
+a figure this CPU's few-percent scatter of timings cannot move.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="VARIANT", help="Time these variants alone (more rounds fit)."
+    )
+    parser.add_argument(
+        "--flops", action="store_true", help="Also count each variant's FLOPs once (matmuls, convolutions, attention)."
+    )
     args = parser.parse_args()
 
     g = torch.Generator().manual_seed(0)
@@ -60,8 +70,9 @@ def main() -> None:
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     counter = {"n": 0}
 
-    def student(targets: tuple[str, ...]) -> tuple[Any, Any, list[torch.nn.Parameter]]:
-        """A UNet with ``cond_proj`` and a rank-4 LoRA on ``targets``, and the step that trains it."""
+    def student(targets: tuple[str, ...]) -> tuple[Any, Any, Any, list[torch.nn.Parameter]]:
+        """A UNet with ``cond_proj`` and a rank-4 LoRA on ``targets``, its teacher (the adapter off) and
+        the step that trains it."""
         unet = build_unet()
         add_guidance_conditioning(unet, 256)
         params = attach_lora(unet, 4, target_modules=targets)
@@ -88,11 +99,11 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             return time.perf_counter() - start
 
-        return unet, step, params
+        return unet, teacher, step, params
 
-    unet, step, params = student(DEFAULT_TARGET_MODULES)
+    unet, teacher, step, params = student(DEFAULT_TARGET_MODULES)
     # the CLI's default for a range: the LoRA also reaches the time embedding, where w enters
-    unet_te, step_te, params_te = student((*DEFAULT_TARGET_MODULES, *TIME_EMBEDDING_TARGET_MODULES))
+    unet_te, _, step_te, params_te = student((*DEFAULT_TARGET_MODULES, *TIME_EMBEDDING_TARGET_MODULES))
     projection = guidance_projection(unet)
     components = Components(None, None, None, unet, scheduler)
     fixed = build_objective(TrainConfig(), components, uncond, torch.float32)
@@ -110,11 +121,6 @@ def main() -> None:
         "prompt": torch.tensor([0]),
     }
     buffered = {**fixed, "source": stored}
-
-    @contextlib.contextmanager
-    def teacher() -> Any:
-        with adapter_disabled(unet):
-            yield unet
 
     x = torch.randn(1, 4, lat, lat, generator=g)
 
@@ -143,8 +149,20 @@ def main() -> None:
         "forward_w": lambda: forward(True),
         "walk_state": walk_state,
     }
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
     samples: dict[str, list[float]] = {}
     median = interleave(variants, args.rounds, args.warmup, samples)
+    flops = count_flops(variants) if args.flops else {}
+    pairs = {
+        "w_conditioned/fixed_w": ("w_conditioned", "fixed_w"),
+        "w_conditioned_time_embedding/fixed_w": ("w_conditioned_time_embedding", "fixed_w"),
+        "buffered/fixed_w": ("buffered", "fixed_w"),
+        "forward_w/forward_fixed": ("forward_w", "forward_fixed"),
+    }
     spec_bytes = 2 * 2 * 4 * lat * lat + 20
     result = {
         "resolution": args.resolution,
@@ -152,24 +170,40 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "median_s": median,
         "samples_s": samples,
-        "ratios": {
-            "w_conditioned/fixed_w": median["w_conditioned"] / median["fixed_w"],
-            "w_conditioned_time_embedding/fixed_w": median["w_conditioned_time_embedding"] / median["fixed_w"],
-            "buffered/fixed_w": median["buffered"] / median["fixed_w"],
-            "forward_w/forward_fixed": median["forward_w"] / median["forward_fixed"],
+        "ratios": {k: median[a] / median[b] for k, (a, b) in pairs.items() if a in median and b in median},
+        # per round, so that a slow round (a busy machine) moves both sides of a ratio
+        "round_ratios": {
+            k: [x / y for x, y in zip(samples[a], samples[b])]
+            for k, (a, b) in pairs.items()
+            if a in samples and b in samples
         },
         "cond_proj_params": projection.weight.numel(),
         "lora_params": sum(p.numel() for p in params),
         "lora_params_time_embedding": sum(p.numel() for p in params_te),
         "buffer_bytes_per_state": spec_bytes,
-        "walk_s_per_state": median["walk_state"],
+        "walk_s_per_state": median.get("walk_state"),
         "spread_s": {k: statistics.pstdev(v) for k, v in samples.items()},
+        "flops": flops,
+        "flop_ratios": {k: flops[a] / flops[b] for k, (a, b) in pairs.items() if a in flops and b in flops},
     }
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
     print(text)
+
+
+def count_flops(variants: dict[str, Any]) -> dict[str, int]:
+    """Each variant's FLOPs in one call, as torch's counter sees them: matrix products, convolutions and
+    attention, not element-wise work. Noise-free where the CPU's timings scatter by a few percent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for name, run in variants.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counts[name] = counter.get_total_flops()
+    return counts
 
 
 if __name__ == "__main__":

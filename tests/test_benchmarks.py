@@ -32,3 +32,19 @@ def test_quick_benchmark_runs_on_tiny_model() -> None:
     assert any(n.startswith("6.") for n in names)
     assert any(n.startswith("8.") for n in names)
     assert results["inference"]["pipeline_s"]["lora_fused"] > 0
+
+
+def test_flop_count_follows_the_work_done() -> None:
+    import torch
+
+    from benchmarks.objectives import count_flops
+
+    layer = torch.nn.Linear(4, 5)
+
+    def step(batch: int) -> float:
+        layer(torch.randn(batch, 4)).sum().backward()
+        return 0.0
+
+    flops = count_flops({"two": lambda: step(2), "four": lambda: step(4)})
+    assert flops["two"] == 2 * (2 * 2 * 4 * 5)  # forward product, and the weight's gradient in the backward
+    assert flops["four"] == 2 * flops["two"]
