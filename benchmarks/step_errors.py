@@ -4,7 +4,8 @@
         STUDENT_DIR [STUDENT_DIR ...]
 
 For each trained student folder, the demo's 12 held-out prompts × 4 seeds (the initial noises of
-``benchmarks.state_sources``) are walked by the pipeline's scheduler twice, 20 steps:
+``benchmarks.state_sources``) are walked twice by the walker that builds trajectory buffers
+(``sd_distill.train.trajectories.walk``, DDIM, 20 steps):
 
 - ``off``: along the teacher's own guided trajectory at ``g``, the states a student trained on teacher
   trajectories has seen;
@@ -18,64 +19,63 @@ same step says where one fits worse. A w-conditioned student is told ``g``; a fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sd_distill.conditioning import student_timestep_cond
-from sd_distill.guidance import teacher_cfg_prediction
+from sd_distill.models import Components
+from sd_distill.train.trajectories import StudentPredict, walk
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "models" / "toy-sd"
-# (x_in [K, C, h, w], t) -> a prediction [K, C, h, w]
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided(unet: Any, cond: torch.Tensor, uncond: torch.Tensor, g: float) -> Predict:
-    """The teacher's CFG prediction at ``g`` (its ``[∅; c]`` pass), for a batch of prompts ``cond``."""
-    return lambda x, t: teacher_cfg_prediction(unet, x, t.expand(len(x)), cond, uncond, g)
-
-
-def one_pass(unet: Any, cond: torch.Tensor, g: float) -> Predict:
-    """The student's single pass, told ``g`` when it is w-conditioned (as stock pipelines tell it)."""
+def one_pass(unet: Any) -> StudentPredict:
+    """The student's single pass, told ``w`` when it is w-conditioned (as stock pipelines tell it)."""
     dim = unet.config.time_cond_proj_dim
 
     @torch.no_grad()
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        extra = {} if dim is None else {"timestep_cond": student_timestep_cond(g, dim, x)}
-        return unet(x, t.expand(len(x)), encoder_hidden_states=cond, return_dict=False, **extra)[0].float()
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        extra = {} if dim is None else {"timestep_cond": student_timestep_cond(w, dim, x)}
+        return unet(x, t, encoder_hidden_states=cond, return_dict=False, **extra)[0].float()
 
     return predict
 
 
-@torch.no_grad()
-def visited_states(drive: Predict, scheduler: Any, noise: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(t, scaled model input)`` at every step of the deterministic walk that ``drive`` steers from ``noise``."""
-    x, states = noise * scheduler.init_noise_sigma, []
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
-        states.append((t, x_in))
-        x = scheduler.step(drive(x_in, t), t, x, eta=0.0, return_dict=False)[0]
-    return states
+def step_errors(
+    components: Components,
+    student: StudentPredict,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    g: float,
+    seeds: list[int],
+    steps: int,
+) -> dict[str, list[float]]:
+    """Per-step MSE of ``student`` to the guided teacher (``components.unet`` as it is) at ``g``, on the
+    teacher's own walk (``off``) and on the student's (``on``): the buffer's walker, one trajectory per
+    prompt of ``cond`` ``[K, L, D]`` from the noise of each of ``seeds``."""
+    unet = components.unet
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    w = torch.full((len(seeds),), float(g))
 
-
-def step_errors(teacher: Predict, student: Predict, scheduler: Any, noise: torch.Tensor) -> dict[str, list[float]]:
-    """Per-step MSE of ``student`` to ``teacher`` on the teacher's walk (``off``) and on the student's (``on``)."""
-
-    def errors(drive: Predict) -> list[float]:
+    def errors(driver: StudentPredict | None) -> list[float]:
+        out = walk(components, lambda: contextlib.nullcontext(unet), cond, uncond, w, seeds, steps, shape, driver)
+        states, targets = (out[k].view(len(seeds), steps, *shape) for k in ("states", "targets"))
+        t = out["t"].view(len(seeds), steps).long()
         return [
-            float((student(x, t) - teacher(x, t)).pow(2).mean()) for t, x in visited_states(drive, scheduler, noise)
+            float((student(states[:, i].to(cond.dtype), t[:, i], cond, w) - targets[:, i].float()).pow(2).mean())
+            for i in range(steps)
         ]
 
-    return {"off": errors(teacher), "on": errors(student)}
+    return {"off": errors(None), "on": errors(student)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils.torch_utils import randn_tensor
 
     from sd_distill.conditioning import load_student
     from sd_distill.toy.synthetic import held_out_prompts
@@ -98,20 +98,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = held[:: max(1, len(held) // 12)][:12]  # the demo's held-out prompts
     base = pipe_of(None)
     cond, uncond = base.encode_prompt(prompts, "cpu", 1, True)
-    scheduler = type(base.scheduler).from_config(base.scheduler.config)
-    scheduler.set_timesteps(args.steps)
-    size = base.unet.config.sample_size
-    shape = (base.unet.config.in_channels, size, size)
-    teacher = guided(base.unet, cond, uncond[:1], args.scale)
-    result: dict[str, Any] = {"scale": args.scale, "timesteps": scheduler.timesteps.tolist(), "students": {}}
+    components = Components(base.tokenizer, base.text_encoder, base.vae, base.unet, base.scheduler)
+    result: dict[str, Any] = {"scale": args.scale, "steps": args.steps, "students": {}}
     for folder in args.students:
-        student = one_pass(pipe_of(folder).unet, cond, args.scale)
-        per_seed = []
-        for seed in args.seeds:
-            gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
-            per_seed.append(
-                step_errors(teacher, student, scheduler, randn_tensor((len(prompts), *shape), generator=gens))
+        student = one_pass(pipe_of(folder).unet)
+        # one walk per prompt and seed, from the noise the quality benchmark renders that image from
+        per_seed = [
+            step_errors(
+                components,
+                student,
+                cond,
+                uncond[:1],
+                args.scale,
+                [s * 1000 + i for i in range(len(prompts))],
+                args.steps,
             )
+            for s in args.seeds
+        ]
         mean = {k: [sum(s[k][i] for s in per_seed) / len(per_seed) for i in range(args.steps)] for k in ("off", "on")}
         result["students"][folder] = mean
         for kind, values in mean.items():
