@@ -81,32 +81,46 @@ def train(variant: dict[str, Any], seed: int, args: argparse.Namespace, data: Pa
     return {"variant": variant["name"], "seed": seed, "dir": str(out), "wall_s": time.perf_counter() - start}
 
 
+def eval_prompts() -> list[str]:
+    """The demo's 12 held-out prompts (attribute combinations absent from the training captions)."""
+    from sd_distill.toy.synthetic import held_out_prompts
+
+    held = held_out_prompts()
+    return held[:: max(1, len(held) // 12)][:12]
+
+
+def image_seeds(seed: int, prompts: int) -> list[int]:
+    """The noise seed of each prompt's image under eval seed ``seed``: one generator per image."""
+    return [seed * 1000 + i for i in range(prompts)]
+
+
+def load_pipe(teacher: str | Path, student: str | Path | None = None) -> Any:
+    """The teacher pipeline, with a trained student folder loaded into it when given."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_distill.conditioning import load_student
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if student is None else load_student(pipe, student)
+
+
 def render(pipe: Any, prompts: list[str], seeds: list[int], g: float) -> np.ndarray:
     """``[S * P, H, W, 3]`` in [0, 1]: one generator per image, seeded from (seed, prompt)."""
     out = []
     for seed in seeds:
-        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(s) for s in image_seeds(seed, len(prompts))]
         result = pipe(prompt=prompts, guidance_scale=g, num_inference_steps=20, generator=gens, output_type="np")
         out.append(result.images)
     return np.concatenate(out)
 
 
 def evaluate(runs: list[dict[str, Any]], variants: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline
-
-    from sd_distill.conditioning import load_student
     from sd_distill.toy.checker import adherence
-    from sd_distill.toy.synthetic import held_out_prompts
 
-    held = held_out_prompts()
-    prompts = held[:: max(1, len(held) // 12)][:12]  # the demo's held-out prompts
+    prompts = eval_prompts()
     captions = prompts * len(args.eval_seeds)
     scales = sorted(set(args.eval_scales))
-
-    def pipe_of(folder: Path | None) -> Any:
-        pipe = StableDiffusionPipeline.from_pretrained(TEACHER)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe if folder is None else load_student(pipe, folder)
 
     def score(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         per_image = ((images - reference) ** 2).reshape(len(images), -1).mean(1)
@@ -117,7 +131,7 @@ def evaluate(runs: list[dict[str, Any]], variants: dict[str, dict], args: argpar
             "mse_median": float(np.median(per_image)),
         }
 
-    teacher = pipe_of(None)
+    teacher = load_pipe(TEACHER)
     result: dict[str, Any] = {"prompts": prompts, "eval_seeds": args.eval_seeds, "per_scale": {}}
     for g in scales:
         reference = render(teacher, prompts, args.eval_seeds, g)
@@ -127,7 +141,7 @@ def evaluate(runs: list[dict[str, Any]], variants: dict[str, dict], args: argpar
             v = variants[run["variant"]]
             if v["range"] is None and v["w"] != g:
                 continue  # a fixed-w student is scored at its own scale only
-            student = pipe_of(Path(run["dir"]))
+            student = load_pipe(TEACHER, run["dir"])
             # a w-conditioned student is told g (one pass, stock pipeline); a fixed-w one samples at 1
             rows[f"{run['variant']}#{run['seed']}"] = score(
                 render(student, prompts, args.eval_seeds, g if v["range"] else 1.0), reference

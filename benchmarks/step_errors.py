@@ -75,10 +75,7 @@ def step_errors(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline
-
-    from sd_distill.conditioning import load_student
-    from sd_distill.toy.synthetic import held_out_prompts
+    from benchmarks.state_sources import eval_prompts, image_seeds, load_pipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("students", nargs="+", help="trained student folders (the CLI's --output_dir)")
@@ -89,30 +86,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", help="write the per-step errors here as JSON")
     args = p.parse_args(argv)
 
-    def pipe_of(folder: str | None) -> Any:
-        pipe = StableDiffusionPipeline.from_pretrained(args.teacher)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe if folder is None else load_student(pipe, folder)
-
-    held = held_out_prompts()
-    prompts = held[:: max(1, len(held) // 12)][:12]  # the demo's held-out prompts
-    base = pipe_of(None)
+    prompts = eval_prompts()
+    base = load_pipe(args.teacher)
     cond, uncond = base.encode_prompt(prompts, "cpu", 1, True)
     components = Components(base.tokenizer, base.text_encoder, base.vae, base.unet, base.scheduler)
     result: dict[str, Any] = {"scale": args.scale, "steps": args.steps, "students": {}}
     for folder in args.students:
-        student = one_pass(pipe_of(folder).unet)
+        student = one_pass(load_pipe(args.teacher, folder).unet)
         # one walk per prompt and seed, from the noise the quality benchmark renders that image from
         per_seed = [
-            step_errors(
-                components,
-                student,
-                cond,
-                uncond[:1],
-                args.scale,
-                [s * 1000 + i for i in range(len(prompts))],
-                args.steps,
-            )
+            step_errors(components, student, cond, uncond[:1], args.scale, image_seeds(s, len(prompts)), args.steps)
             for s in args.seeds
         ]
         mean = {k: [sum(s[k][i] for s in per_seed) / len(per_seed) for i in range(args.steps)] for k in ("off", "on")}
