@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +29,18 @@ import torch
 
 from sd_distill.conditioning import student_timestep_cond
 from sd_distill.models import Components
+from sd_distill.train.on_policy import one_pass
+from sd_distill.train.states import TrainingStates
 from sd_distill.train.trajectories import StudentPredict, walk
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "models" / "toy-sd"
 
 
-def one_pass(unet: Any) -> StudentPredict:
-    """The student's single pass, told ``w`` when it is w-conditioned (as stock pipelines tell it)."""
+def stock_inputs(unet: Any) -> Callable[[TrainingStates], dict[str, Any]]:
+    """What a stock pipeline tells this UNet besides the state: ``w`` when it is w-conditioned."""
     dim = unet.config.time_cond_proj_dim
-
-    @torch.no_grad()
-    def predict(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        extra = {} if dim is None else {"timestep_cond": student_timestep_cond(w, dim, x)}
-        return unet(x, t, encoder_hidden_states=cond, return_dict=False, **extra)[0].float()
-
-    return predict
+    return lambda states: {} if dim is None else {"timestep_cond": student_timestep_cond(states.w, dim, states.x_t)}
 
 
 def step_errors(
@@ -92,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     components = Components(base.tokenizer, base.text_encoder, base.vae, base.unet, base.scheduler)
     result: dict[str, Any] = {"scale": args.scale, "steps": args.steps, "students": {}}
     for folder in args.students:
-        student = one_pass(load_pipe(args.teacher, folder).unet)
+        unet = load_pipe(args.teacher, folder).unet
+        student = one_pass(unet, stock_inputs(unet))
         # one walk per prompt and seed, from the noise the quality benchmark renders that image from
         per_seed = [
             step_errors(components, student, cond, uncond[:1], args.scale, image_seeds(s, len(prompts)), args.steps)

@@ -56,20 +56,21 @@ def test_step_errors_are_zero_for_the_teacher_itself_and_grow_with_drift(tiny_vp
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from benchmarks.step_errors import one_pass, step_errors
+    from benchmarks.step_errors import step_errors, stock_inputs
     from sd_distill.models import Components
+    from sd_distill.train.on_policy import one_pass
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_vpred_model_dir)
     cond, uncond = pipe.encode_prompt(["a red square", "a blue circle"], "cpu", 1, True)
     components = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
     # at g = 1 guidance is the conditional pass: the base UNet in one pass is the teacher (targets are fp16)
-    same = step_errors(components, one_pass(pipe.unet), cond, uncond[:1], 1.0, [0, 1], steps=5)
+    same = step_errors(components, one_pass(pipe.unet, stock_inputs(pipe.unet)), cond, uncond[:1], 1.0, [0, 1], steps=5)
     assert len(same["off"]) == len(same["on"]) == 5
     assert max(same["off"] + same["on"]) < 1e-6
 
     other = copy.deepcopy(pipe.unet)
     with torch.no_grad():
         other.conv_out.bias.add_(0.1)  # a student off by a constant at every state
-    errors = step_errors(components, one_pass(other), cond, uncond[:1], 3.0, [0, 1], steps=5)
+    errors = step_errors(components, one_pass(other, stock_inputs(other)), cond, uncond[:1], 3.0, [0, 1], steps=5)
     assert errors["on"][0] == errors["off"][0] > 1e-3  # both walks start from the same noise
     assert errors["on"] != errors["off"]  # then the student's own walk leaves the teacher's

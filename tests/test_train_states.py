@@ -190,3 +190,29 @@ def test_a_bad_prompts_file_is_one_error_before_any_model_loads(
     with pytest.raises(ConfigError, match=message):
         run_training(_args(tiny_model_dir, tmp_path / "out", ["--prompts_file", str(path), "--train_states",
                                                                "teacher_trajectories"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_student_samples_without_dropout_and_gets_its_mode_back(training: bool) -> None:
+    from sd_distill.train.on_policy import one_pass
+
+    class Student(torch.nn.Module):  # the UNet's call convention, with dropout on its output
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x, t, encoder_hidden_states, return_dict, scale=1.0):  # noqa: ANN001
+            return (self.drop(x * scale),)
+
+    student = Student().train(training)
+    seen = []
+
+    def inputs(states):  # noqa: ANN001
+        seen.append(states.w)
+        return {"scale": 2.0}
+
+    x, w = torch.ones(64, 4), torch.tensor([3.0])
+    out = one_pass(student, inputs)(x, torch.zeros(64), torch.zeros(64, 1, 2), w)
+    assert torch.equal(out, 2 * x)  # told what inputs says, and no unit dropped
+    assert seen == [w]
+    assert student.training is training

@@ -122,6 +122,23 @@ class StudentStates(StoredStates):
         return super().__call__(mixed, generator)
 
 
+def one_pass(student: Any, inputs: Callable[[TrainingStates], dict[str, Any]]) -> StudentPredict:
+    """The student's single pass as the driver of a walk, told what ``inputs`` gives for the states
+    (``w`` when it is w-conditioned). It samples in eval mode (no LoRA dropout), then gets its mode back."""
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        extra = inputs(TrainingStates(x_t=x, t=t, cond=cond, w=w))
+        training = student.training
+        student.eval()
+        try:
+            return student(x, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+        finally:
+            student.train(training)
+
+    return predict
+
+
 def student_walker(
     components: Any,
     teacher: Any,

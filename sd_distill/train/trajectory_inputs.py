@@ -168,23 +168,13 @@ def attach_student_walk(
     """Give an on-policy source its walk: the prepared student drives (told ``w`` when it is
     w-conditioned), the teacher labels; registered so every checkpoint holds the pool. ``dtype``:
     what the prepared UNet takes (a DeepSpeed engine casts its weights to the mixed precision)."""
-    from .on_policy import student_walker
-    from .states import TrainingStates
-
-    @torch.no_grad()
-    def predict(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        extra = student_inputs(TrainingStates(x_t=x, t=t, cond=cond, w=w))
-        student.eval()  # no LoRA dropout while the student samples
-        try:
-            return student(x, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
-        finally:
-            student.train()
+    from .on_policy import one_pass, student_walker
 
     spec = trajectories.spec
     walker = student_walker(
         components,
         teacher,
-        predict,
+        one_pass(student, student_inputs),
         trajectories.prompt_embeddings.to(dtype),
         uncond_emb.to(dtype),
         spec.steps,
