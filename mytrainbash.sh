@@ -27,7 +27,8 @@ GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS:-}"
 ALLOW_TF32="${ALLOW_TF32:-1}"   # TF32 matmuls on Ampere+ GPUs (no effect on a CPU); 0 to turn off
 # The seed used 5e-6 because it (unknowingly) fine-tuned the whole UNet; a LoRA needs ~1e-4.
 LEARNING_RATE="${LEARNING_RATE:-1e-4}"
-LR_SCHEDULER="${LR_SCHEDULER:-constant}"
+# Empty: the CLI's default (warmup_stable_decay with a range of scales, constant without).
+LR_SCHEDULER="${LR_SCHEDULER:-}"
 LR_WARMUP_STEPS="${LR_WARMUP_STEPS:-0}"
 GUIDANCE_SCALE="${GUIDANCE_SCALE:-7.5}"
 
@@ -44,6 +45,9 @@ fi
 optional_args=()
 if [ -n "$GRADIENT_ACCUMULATION_STEPS" ]; then
   optional_args+=(--gradient_accumulation_steps="$GRADIENT_ACCUMULATION_STEPS")
+fi
+if [ -n "$LR_SCHEDULER" ]; then
+  optional_args+=(--lr_scheduler="$LR_SCHEDULER")
 fi
 if [ -n "$PROMPTS_FILE" ]; then
   data_args=(--prompts_file="$PROMPTS_FILE")
@@ -70,7 +74,6 @@ exec "$ACCELERATE" launch "${config_args[@]}" train_sd_distil_lora.py \
   --resolution="$RESOLUTION" \
   --train_batch_size="$TRAIN_BATCH_SIZE" \
   --learning_rate="$LEARNING_RATE" \
-  --lr_scheduler="$LR_SCHEDULER" \
   --lr_warmup_steps="$LR_WARMUP_STEPS" \
   --guidance_scale="$GUIDANCE_SCALE" \
   "${optional_args[@]}" \

@@ -210,6 +210,12 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
         (["--guidance_scale", "nan"], "--guidance_scale nan is not a finite number"),
         (["--guidance_loss_weighting", "inverse_square"], "add --guidance_scale_range"),
         (["--guidance_embedding_features", "smooth"], "add --guidance_scale_range"),
+        (["--lr_decay_fraction", "0.2"], "--lr_decay_fraction applies to --lr_scheduler warmup_stable_decay only"),
+        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0"], "must be in (0, 1]"),
+        (
+            ["--lr_scheduler", "warmup_stable_decay", "--max_train_steps", "10", "--lr_warmup_steps", "9"],
+            "the decay (2 steps, --lr_decay_fraction 0.2) do not fit in the run's 10 steps",
+        ),
     ],
 )
 def test_every_numeric_flag_has_a_range(tmp_path: Path, data: Path, flags: list[str], words: str) -> None:

@@ -89,6 +89,7 @@ def test_mytrainbash_honours_env_overrides_and_passes_extra_args(tiny_model_dir:
     saved = json.loads((out / "sd_distill_config.json").read_text())
     assert saved["pretrained_model_name_or_path"] == str(tiny_model_dir)
     assert saved["learning_rate"] == 2e-4 and saved["lora_rank"] == 2 and saved["resolution"] == 32
+    assert saved["lr_scheduler"] == "constant"  # a fixed-w student's default
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -112,6 +113,7 @@ def test_mytrainbash_trains_from_a_prompts_file_at_a_range_of_scales(tiny_model_
     saved = json.loads((out / "sd_distill_config.json").read_text())
     assert saved["train_states"] == "teacher_trajectories" and saved["dataset_name"] is None
     assert saved["prompts_file"] == str(prompts) and saved["guidance_scale_range"] == [2.0, 8.0]
+    assert saved["lr_scheduler"] == "warmup_stable_decay"  # the CLI's default for a range, not the launcher's
 
 
 def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp_path: Path) -> None:

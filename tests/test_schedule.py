@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sd_distill.train.schedule import Schedule
 
 
@@ -59,3 +61,64 @@ def test_a_stream_read_through_becomes_an_epoch_schedule() -> None:
     assert stream.updates_per_epoch == 3
     assert stream.resume_point(4) == (1, 2)  # beyond the first pass: not 8 batches into it
     assert stream.micro_step(1, 2) == 7
+
+
+def test_a_range_student_decays_its_learning_rate_at_the_end_and_a_fixed_w_one_keeps_it() -> None:
+    from sd_distill.train.config import TrainConfig
+
+    ranged = TrainConfig(guidance_scale_range=[1.5, 10.0])
+    assert (ranged.lr_scheduler, ranged.lr_decay_fraction) == ("warmup_stable_decay", 0.2)
+    assert (TrainConfig().lr_scheduler, TrainConfig().lr_decay_fraction) == ("constant", None)
+    assert TrainConfig(guidance_scale_range=[1.5, 10.0], lr_scheduler="constant").lr_decay_fraction is None
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_decay_is_linear_to_zero_over_the_last_fraction_of_the_steps(processes: int) -> None:
+    import torch
+
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.recipe import _lr_schedule
+
+    config = TrainConfig(lr_scheduler="warmup_stable_decay", lr_decay_fraction=0.5, lr_warmup_steps=2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = _lr_schedule(config, optimizer, max_steps=10, num_processes=processes)
+    seen = []
+    for _ in range(10):  # the learning rate of each optimizer step; the prepared scheduler steps once per process
+        seen.append(schedule.get_last_lr()[0])
+        for _ in range(processes):
+            optimizer.step()
+            schedule.step()
+    expected = [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]  # warm-up 2, stable 3, decay 5
+    assert seen == pytest.approx(expected)
+
+
+def test_a_run_given_more_steps_goes_on_at_the_stretched_schedule_not_at_its_decayed_end() -> None:
+    import torch
+
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.recipe import _lr_schedule
+    from sd_distill.train.resume import honour_learning_rate
+
+    config = TrainConfig(lr_scheduler="warmup_stable_decay", lr_decay_fraction=0.5)
+
+    def rates(max_steps: int, steps: int, state: dict | None = None, peak: float = 1.0) -> tuple[list[float], dict]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = _lr_schedule(config, optimizer, max_steps=max_steps, num_processes=1)
+        if state is not None:  # what load_state restores: the schedule's position and the optimizer's last rate
+            schedule.load_state_dict(state["schedule"])
+            optimizer.param_groups[0]["lr"] = state["lr"]
+            honour_learning_rate(schedule, peak)
+        seen = []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return seen, {"schedule": schedule.state_dict(), "lr": optimizer.param_groups[0]["lr"]}
+
+    _, ended = rates(4, 4)
+    assert ended["lr"] == 0.0  # a finished run's optimizer holds the decayed rate
+    whole, _ = rates(8, 8)
+    resumed, _ = rates(8, 4, ended)
+    assert resumed == pytest.approx(whole[4:])  # steps 4-7 of the 8-step schedule, the first not at 0
+    halved, _ = rates(8, 4, ended, peak=0.5)
+    assert halved == pytest.approx([r / 2 for r in whole[4:]])

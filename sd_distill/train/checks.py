@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import DATA_SUFFIXES, DEFAULT_BASE_MODEL
-from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
+from .config import GUIDANCE_OPTIONS_OFF, WARMUP_STABLE_DECAY, ConfigError, TrainConfig
+from .schedule import decay_steps
 
 
 def validate(config: TrainConfig) -> None:
@@ -56,6 +57,36 @@ def _check_finite(c: TrainConfig, need: Need) -> None:
             need(False, f"--{f.name} {value} is not a finite number.")
 
 
+def _check_decay(c: TrainConfig, need: Need) -> None:
+    """The decay of a warm-up/stable/decay schedule: a fraction of the run that leaves room for the warm-up."""
+    if c.lr_decay_fraction is None:
+        return
+    if c.lr_scheduler != WARMUP_STABLE_DECAY:
+        need(
+            False,
+            f"--lr_decay_fraction applies to --lr_scheduler {WARMUP_STABLE_DECAY} only (this run: {c.lr_scheduler}).",
+        )
+        return
+    if not 0 < c.lr_decay_fraction <= 1:
+        need(False, f"--lr_decay_fraction {c.lr_decay_fraction} must be in (0, 1] (0.2: the last fifth of the steps).")
+    elif c.max_train_steps:
+        error = decay_fit_error(c, c.max_train_steps)
+        need(error is None, error or "")
+
+
+def decay_fit_error(c: TrainConfig, max_steps: int) -> str | None:
+    """Why the warm-up and the decay do not fit in a run of ``max_steps`` steps (``None``: they do)."""
+    if c.lr_scheduler != WARMUP_STABLE_DECAY or c.lr_decay_fraction is None or not 0 < c.lr_decay_fraction <= 1:
+        return None
+    decay = decay_steps(max_steps, c.lr_decay_fraction)
+    if c.lr_warmup_steps + decay <= max_steps:
+        return None
+    return (
+        f"--lr_warmup_steps {c.lr_warmup_steps} and the decay ({decay} steps, --lr_decay_fraction "
+        f"{c.lr_decay_fraction}) do not fit in the run's {max_steps} steps: shorten one of them."
+    )
+
+
 def _check_optimiser(c: TrainConfig, need: Need) -> None:
     """AdamW, clipping, warm-up and the seed: what torch or numpy would reject only mid-setup."""
     for name in ("adam_beta1", "adam_beta2"):
@@ -65,6 +96,7 @@ def _check_optimiser(c: TrainConfig, need: Need) -> None:
     need(c.adam_epsilon > 0, f"--adam_epsilon {c.adam_epsilon} must be positive (1e-8 is usual).")
     need(c.adam_weight_decay >= 0, f"--adam_weight_decay {c.adam_weight_decay} must be 0 or more.")
     need(c.lr_warmup_steps >= 0, f"--lr_warmup_steps {c.lr_warmup_steps} must be 0 or more.")
+    _check_decay(c, need)
     need(c.huber_c > 0, f"--huber_c {c.huber_c} must be positive.")
     need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora_alpha {c.lora_alpha} must be positive.")
     need(

@@ -22,8 +22,8 @@ from ..conditioning import add_guidance_conditioning, guidance_projection
 from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora, lora_parameters
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step
-from .checks import raise_if_any
-from .config import INVERSE_SQUARE, SMOOTH_FEATURES, TrainConfig, resolve_auto_cache
+from .checks import decay_fit_error, raise_if_any
+from .config import INVERSE_SQUARE, SMOOTH_FEATURES, WARMUP_STABLE_DECAY, TrainConfig, resolve_auto_cache
 from .data import TrainData
 from .distributed import is_deepspeed, register_lora_only_state_hooks
 from .inputs import cached_dataset, make_dataloader
@@ -36,7 +36,7 @@ from .outputs import save_final, write_summary
 from .preflight import Preflight, preflight
 from .resume import check_compatible, check_work_left, honour_learning_rate
 from .rundir import RunDir
-from .schedule import Schedule
+from .schedule import Schedule, decay_steps
 from .states import NoisedImages, StateSource, StoredStates
 from .step import Loss, make_loss
 from .targets import GuidanceConditionedTarget, GuidedTarget, Target, Teacher
@@ -198,6 +198,7 @@ def _plan(
         num_train_epochs=config.num_train_epochs,
     )
     check_work_left(config, resume_from, schedule.max_steps)
+    raise_if_any([e for e in [decay_fit_error(config, schedule.max_steps)] if e])  # a run sized by its epochs
     return config, schedule
 
 
@@ -309,8 +310,6 @@ def lora_target_errors(unet: torch.nn.Module, targets: list[str]) -> list[str]:
 def _setup_optimizer(
     config: TrainConfig, params: list[torch.nn.Parameter], schedule: Schedule, accelerator: Any
 ) -> tuple[Any, Any]:
-    from diffusers.optimization import get_scheduler
-
     num_processes = accelerator.num_processes
     optimizer = torch.optim.AdamW(
         params,
@@ -322,14 +321,31 @@ def _setup_optimizer(
         # sync; DeepSpeed steps its own optimizer wrapper and skips them itself
         fused=not is_deepspeed(accelerator),
     )
-    # the prepared scheduler steps once per process per optimizer step, hence the multiplication
-    lr_scheduler = get_scheduler(
+    return optimizer, _lr_schedule(config, optimizer, schedule.max_steps, num_processes)
+
+
+def _lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int) -> Any:
+    """The learning-rate schedule; the prepared scheduler steps once per process per optimizer step,
+    hence the multiplications."""
+    if config.lr_scheduler == WARMUP_STABLE_DECAY:
+        from transformers.optimization import get_wsd_schedule
+
+        assert config.lr_decay_fraction is not None  # TrainConfig decides it with the schedule
+        return get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps * num_processes,
+            num_decay_steps=decay_steps(max_steps, config.lr_decay_fraction) * num_processes,
+            num_training_steps=max_steps * num_processes,
+            decay_type="linear",
+        )
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * num_processes,
-        num_training_steps=schedule.max_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
     )
-    return optimizer, lr_scheduler
 
 
 def _peak_lr(config: TrainConfig, num_processes: int) -> float:

@@ -38,7 +38,7 @@ RESUME_RULES: dict[str, str] = {
     "trajectory_shard_size": MATCH, "trajectory_refresh_steps": MATCH, "student_pool_trajectories": MATCH,
     "student_state_fraction": MATCH, "trajectory_dir": HONOUR,  # the buffer is found by its settings' hash
     # optimisation: the batch, the schedule's shape, and what the optimizer state restores anyway
-    "train_batch_size": MATCH, "gradient_accumulation_steps": MATCH, "lr_scheduler": MATCH,
+    "train_batch_size": MATCH, "gradient_accumulation_steps": MATCH, "lr_scheduler": MATCH, "lr_decay_fraction": MATCH,
     "lr_warmup_steps": MATCH, "adam_beta1": MATCH, "adam_beta2": MATCH, "adam_weight_decay": MATCH,
     "adam_epsilon": MATCH, "mixed_precision": MATCH,  # the precision the run had (training_state.json)
     "learning_rate": HONOUR, "scale_lr": HONOUR,  # set on the optimizer and the schedule after loading
@@ -115,7 +115,7 @@ def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<s
 
 # Settings added after checkpoints were first written, with the behaviour those checkpoints had: an
 # older checkpoint is compared as if it had saved them, so a resume cannot switch them on unseen.
-_BEFORE_THEY_EXISTED: dict[str, Any] = dict(GUIDANCE_OPTIONS_OFF)
+_BEFORE_THEY_EXISTED: dict[str, Any] = {**GUIDANCE_OPTIONS_OFF, "lr_decay_fraction": None}
 
 
 def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> list[str]:
@@ -194,15 +194,17 @@ def check_work_left(config: TrainConfig, resume_from: Path | None, max_steps: in
 
 
 def honour_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:
-    """After ``load_state``: the schedule goes on from this run's peak learning rate (the checkpoint's
-    was restored with the optimizer), at the point of the schedule it had reached."""
+    """After ``load_state``: the schedule goes on from this run's peak learning rate, at the point of
+    *this* run's schedule it has reached. The optimizer comes back with the checkpoint's rate, which is
+    wrong when the peak changed and when ``--max_train_steps`` did: a run that had decayed to 0 and is
+    given more steps would take its next step at 0, and every later one off by one step."""
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
     old = list(scheduler.base_lrs)
-    if all(abs(lr - learning_rate) <= 1e-12 * max(lr, learning_rate) for lr in old):
-        return
-    for group, base in zip(scheduler.optimizer.param_groups, old):
-        group["lr"] = group["lr"] * learning_rate / base  # the same point of the schedule, at the new peak
-        group["initial_lr"] = learning_rate
+    if not all(abs(lr - learning_rate) <= 1e-12 * max(lr, learning_rate) for lr in old):
+        logger.warning("learning rate: the checkpoint had %g, this run uses %g from here on", old[0], learning_rate)
     scheduler.base_lrs = [learning_rate] * len(old)
+    # every schedule here is a LambdaLR: the rate at step k is base * lambda(k), as its own step computes it
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+        group["initial_lr"] = learning_rate
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-    logger.warning("learning rate: the checkpoint had %g, this run uses %g from here on", old[0], learning_rate)

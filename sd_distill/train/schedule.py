@@ -58,3 +58,8 @@ class Schedule:
         ``epoch`` (it seeds each micro-batch's noise, so a resumed run draws the same). A stream is
         in epoch 0 until its length is known."""
         return epoch * (self.batches_per_epoch or 0) + batches_done
+
+
+def decay_steps(max_steps: int, fraction: float) -> int:
+    """Steps of the final decay of a warm-up/stable/decay schedule: at least one."""
+    return max(1, math.ceil(max_steps * fraction))
