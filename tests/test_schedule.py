@@ -77,11 +77,11 @@ def test_the_decay_is_linear_to_zero_over_the_last_fraction_of_the_steps(process
     import torch
 
     from sd_distill.train.config import TrainConfig
-    from sd_distill.train.recipe import _lr_schedule
+    from sd_distill.train.optimizer import lr_schedule
 
     config = TrainConfig(lr_scheduler="warmup_stable_decay", lr_decay_fraction=0.5, lr_warmup_steps=2)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = _lr_schedule(config, optimizer, max_steps=10, num_processes=processes)
+    schedule = lr_schedule(config, optimizer, max_steps=10, num_processes=processes)
     seen = []
     for _ in range(10):  # the learning rate of each optimizer step; the prepared scheduler steps once per process
         seen.append(schedule.get_last_lr()[0])
@@ -96,14 +96,14 @@ def test_a_run_given_more_steps_goes_on_at_the_stretched_schedule_not_at_its_dec
     import torch
 
     from sd_distill.train.config import TrainConfig
-    from sd_distill.train.recipe import _lr_schedule
+    from sd_distill.train.optimizer import lr_schedule
     from sd_distill.train.resume import honour_learning_rate
 
     config = TrainConfig(lr_scheduler="warmup_stable_decay", lr_decay_fraction=0.5)
 
     def rates(max_steps: int, steps: int, state: dict | None = None, peak: float = 1.0) -> tuple[list[float], dict]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        schedule = _lr_schedule(config, optimizer, max_steps=max_steps, num_processes=1)
+        schedule = lr_schedule(config, optimizer, max_steps=max_steps, num_processes=1)
         if state is not None:  # what load_state restores: the schedule's position and the optimizer's last rate
             schedule.load_state_dict(state["schedule"])
             optimizer.param_groups[0]["lr"] = state["lr"]

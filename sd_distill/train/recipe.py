@@ -23,7 +23,7 @@ from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora,
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step
 from .checks import decay_fit_error, raise_if_any
-from .config import INVERSE_SQUARE, SMOOTH_FEATURES, WARMUP_STABLE_DECAY, TrainConfig, resolve_auto_cache
+from .config import INVERSE_SQUARE, SMOOTH_FEATURES, TrainConfig, resolve_auto_cache
 from .data import TrainData
 from .distributed import is_deepspeed, register_lora_only_state_hooks
 from .inputs import cached_dataset, make_dataloader
@@ -32,11 +32,12 @@ from .launch import check_prepared
 from .loader import EpochShuffleSampler, collate
 from .loop import Stats, train_loop
 from .on_policy import StudentStates
+from .optimizer import peak_lr, setup_optimizer
 from .outputs import save_final, write_summary
 from .preflight import Preflight, preflight
 from .resume import check_compatible, check_work_left, honour_learning_rate
 from .rundir import RunDir
-from .schedule import Schedule, decay_steps
+from .schedule import Schedule
 from .states import NoisedImages, StateSource, StoredStates
 from .step import Loss, make_loss
 from .targets import GuidanceConditionedTarget, GuidedTarget, Target, Teacher
@@ -135,7 +136,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
     dataloader = make_dataloader(
         config, dataset, sampler, seed, accelerator.device, collate if trajectories is None else collate_states
     )
-    optimizer, lr_scheduler = _setup_optimizer(config, trainable_params, schedule, accelerator)
+    optimizer, lr_scheduler = setup_optimizer(config, trainable_params, schedule, accelerator)
     student, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         components.unet, optimizer, dataloader, lr_scheduler
     )
@@ -148,7 +149,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
             objective["source"], trajectories, components, student, teacher,
             objective["target"].student_inputs, uncond_emb, accelerator, weight_dtype,
         )  # fmt: skip
-    start_step = _restore(accelerator, model, resume_from, lr_scheduler, _peak_lr(config, accelerator.num_processes))
+    start_step = _restore(accelerator, model, resume_from, lr_scheduler, peak_lr(config, accelerator.num_processes))
     if isinstance(objective["source"], StudentStates):
         objective["source"].after_update(start_step)  # the first pool (a resumed run has its own)
     # only now, with everything loaded, is anything in the output folder moved or written
@@ -305,53 +306,6 @@ def lora_target_errors(unet: torch.nn.Module, targets: list[str]) -> list[str]:
         f"--lora_target_modules {' '.join(missing)}: no UNet module has that name; its layers are named "
         f"e.g. {', '.join(list(suffixes)[:10])}."
     ]
-
-
-def _setup_optimizer(
-    config: TrainConfig, params: list[torch.nn.Parameter], schedule: Schedule, accelerator: Any
-) -> tuple[Any, Any]:
-    num_processes = accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=_peak_lr(config, num_processes),
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-        # fused: an update with non-finite gradients is skipped on the device (found_inf), no host
-        # sync; DeepSpeed steps its own optimizer wrapper and skips them itself
-        fused=not is_deepspeed(accelerator),
-    )
-    return optimizer, _lr_schedule(config, optimizer, schedule.max_steps, num_processes)
-
-
-def _lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int) -> Any:
-    """The learning-rate schedule; the prepared scheduler steps once per process per optimizer step,
-    hence the multiplications."""
-    if config.lr_scheduler == WARMUP_STABLE_DECAY:
-        from transformers.optimization import get_wsd_schedule
-
-        assert config.lr_decay_fraction is not None  # TrainConfig decides it with the schedule
-        return get_wsd_schedule(
-            optimizer,
-            num_warmup_steps=config.lr_warmup_steps * num_processes,
-            num_decay_steps=decay_steps(max_steps, config.lr_decay_fraction) * num_processes,
-            num_training_steps=max_steps * num_processes,
-            decay_type="linear",
-        )
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * num_processes,
-        num_training_steps=max_steps * num_processes,
-    )
-
-
-def _peak_lr(config: TrainConfig, num_processes: int) -> float:
-    if config.scale_lr:
-        return config.learning_rate * config.train_batch_size * config.gradient_accumulation_steps * num_processes
-    return config.learning_rate
 
 
 def _teacher(student: Any, model: Any, separate_teacher: torch.nn.Module | None) -> Teacher:
