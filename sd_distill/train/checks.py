@@ -75,8 +75,9 @@ def _check_decay(c: TrainConfig, need: Need) -> None:
 
 
 def decay_fit_error(c: TrainConfig, max_steps: int) -> str | None:
-    """Why the warm-up and the decay do not fit in a run of ``max_steps`` steps (``None``: they do)."""
-    if c.lr_scheduler != WARMUP_STABLE_DECAY or c.lr_decay_fraction is None or not 0 < c.lr_decay_fraction <= 1:
+    """Why the warm-up and the decay do not fit in a run of ``max_steps`` steps (``None``: they do, or
+    there is no decay). ``c`` has passed :func:`_check_decay`'s range check."""
+    if c.lr_scheduler != WARMUP_STABLE_DECAY or c.lr_decay_fraction is None:
         return None
     decay = decay_steps(max_steps, c.lr_decay_fraction)
     if c.lr_warmup_steps + decay <= max_steps:

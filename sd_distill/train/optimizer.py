@@ -14,6 +14,7 @@ from .schedule import Schedule, decay_steps
 def setup_optimizer(
     config: TrainConfig, params: list[torch.nn.Parameter], schedule: Schedule, accelerator: Any
 ) -> tuple[Any, Any]:
+    """AdamW over the trainable ``params`` and its schedule over the run's ``schedule.max_steps``."""
     num_processes = accelerator.num_processes
     optimizer = torch.optim.AdamW(
         params,

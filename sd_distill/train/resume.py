@@ -196,8 +196,8 @@ def check_work_left(config: TrainConfig, resume_from: Path | None, max_steps: in
 def honour_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:
     """After ``load_state``: the schedule goes on from this run's peak learning rate, at the point of
     *this* run's schedule it has reached. The optimizer comes back with the checkpoint's rate, which is
-    wrong when the peak changed and when ``--max_train_steps`` did: a run that had decayed to 0 and is
-    given more steps would take its next step at 0, and every later one off by one step."""
+    wrong when the peak changed and when ``--max_train_steps`` did (a run that had decayed to 0 and is
+    given more steps would take its next step at 0)."""
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
     old = list(scheduler.base_lrs)
     if not all(abs(lr - learning_rate) <= 1e-12 * max(lr, learning_rate) for lr in old):
