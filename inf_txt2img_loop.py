@@ -11,10 +11,11 @@ import os
 import sys
 
 from sd_distill.eval.compare import CompareError, parse_args, run
-from sd_distill.processes import close_process_group
+from sd_distill.processes import close_process_group, exit_process, report_native_crashes
 
 
 def main(argv: list[str] | None = None) -> int:
+    report_native_crashes()
     try:
         return _compare(argv)
     finally:
@@ -45,4 +46,4 @@ def _compare(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

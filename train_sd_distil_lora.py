@@ -13,8 +13,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd_distill.processes import close_process_group
+    from sd_distill.processes import close_process_group, report_native_crashes
 
+    report_native_crashes()
     try:
         return _train(argv)
     finally:
@@ -52,4 +53,6 @@ def _speaks() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sd_distill.processes import exit_process
+
+    exit_process(main())

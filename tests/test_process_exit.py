@@ -1,8 +1,11 @@
 """Both CLIs close the process group on every way out: left open, gloo's threads abort a finished
-process at interpreter exit about one run in ten (SIGABRT, exit -6, after its outputs are written)."""
+process at interpreter exit about one run in ten (SIGABRT, exit -6, after its outputs are written).
+A launched worker then leaves without the interpreter's teardown, having run what a normal exit runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,3 +51,38 @@ def test_closing_without_a_group_is_harmless() -> None:
     close_process_group()
     close_process_group()
     assert not dist.is_initialized()
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONFAULTHANDLER")}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**base, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True
+    )
+
+
+_EXIT_WITH_AN_ATEXIT_HANDLER = """
+import atexit, sys
+from pathlib import Path
+from sd_distill.processes import exit_process
+atexit.register(lambda: Path({marker!r}).write_text("ran"))
+sys.stdout.write("unflushed output")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_the_code_the_atexit_handlers_and_the_output(tmp_path: Path, world_size: str) -> None:
+    marker = tmp_path / "atexit-ran"
+    proc = _run_python(_EXIT_WITH_AN_ATEXIT_HANDLER.format(marker=str(marker)), WORLD_SIZE=world_size)
+    assert proc.returncode == 3, proc.stderr
+    assert marker.read_text() == "ran"
+    assert proc.stdout == "unflushed output"
+
+
+def test_a_launched_worker_that_aborts_says_where() -> None:
+    code = "import os\nfrom sd_distill.processes import report_native_crashes\nreport_native_crashes()\nos.abort()\n"
+    launched = _run_python(code, WORLD_SIZE="2")
+    assert launched.returncode == -6
+    assert "Fatal Python error: Aborted" in launched.stderr and "line 4" in launched.stderr
+    alone = _run_python(code)  # a plain run keeps Python's default (no handler installed by us)
+    assert alone.returncode == -6 and "Fatal Python error" not in alone.stderr

@@ -359,5 +359,6 @@ def finish(tr: Training, stats: Stats) -> None:
         save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous)
     if tr.accelerator.is_main_process:
         write_summary(config, stats)
+    tr.accelerator.wait_for_everyone()  # no rank tears its group down while another still works
     tr.accelerator.end_training()
     tr.run_dir.release()
