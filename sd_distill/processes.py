@@ -34,7 +34,8 @@ def close_process_group() -> None:
 
 
 def exit_process(code: int) -> None:
-    """Exit with ``code``; a launched worker skips the interpreter's teardown.
+    """Exit with ``code`` once ``main`` has closed the process group; a launched worker skips the
+    interpreter's teardown.
 
     Even with its group destroyed, a finished 2-process DeepSpeed run aborted once in CI after its
     LoRA was saved (rank 1, "terminate called without an active exception", SIGABRT), and the
@@ -43,7 +44,6 @@ def exit_process(code: int) -> None:
     finished worker needs happens there. So a worker runs the ``atexit`` handlers (logging,
     trackers, multiprocessing) and flushes its streams, as a normal exit would, and leaves with
     ``os._exit``; its files are closed by then."""
-    close_process_group()
     if not launched_with_peers():
         sys.exit(code)
     atexit._run_exitfuncs()
