@@ -299,3 +299,24 @@ def test_a_full_disk_while_writing_validation_images_stops_with_one_line(
     with pytest.raises(OutputWriteError, match=r"no space left on the device writing .*validation/step-2"):
         run_training(train_args(tiny_model_dir, data, out, *argv, steps=4))
     assert (out / "checkpoint-2").is_dir()  # the checkpoint written just before is intact
+
+
+def test_a_failed_summary_write_is_raised_and_a_good_one_written(tmp_path) -> None:
+    """What ``finish`` does on every rank: the main process writes; its failure is everyone's."""
+    from types import SimpleNamespace
+
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train.collective import main_process_writes
+
+    main = SimpleNamespace(is_main_process=True, num_processes=1)
+    written = tmp_path / "summary.json"
+    main_process_writes(main, lambda: written.write_text("{}"))
+    assert written.read_text() == "{}"
+
+    def full_disk() -> None:
+        raise OutputWriteError("no space left on the device")
+
+    with pytest.raises(OutputWriteError, match="no space left"):
+        main_process_writes(main, full_disk)
+    other = SimpleNamespace(is_main_process=False, num_processes=1)
+    main_process_writes(other, full_disk)  # only the main process writes

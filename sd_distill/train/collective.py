@@ -4,7 +4,10 @@ collective that the others have left."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from ..files import OutputWriteError
 
 
 def first_failure(accelerator: Any, message: str | None) -> str | None:
@@ -33,3 +36,17 @@ def all_true(accelerator: Any, flag: bool) -> bool:
 
     count = torch.tensor([float(flag)], device=accelerator.device)
     return int(accelerator.reduce(count, reduction="sum").item()) == accelerator.num_processes
+
+
+def main_process_writes(accelerator: Any, write: Callable[[], None]) -> None:
+    """``write()`` on the main process; a failed write (:class:`OutputWriteError`) is raised on every
+    rank. Every rank calls this, so it is also a barrier: no rank goes on while the main one writes."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except OutputWriteError as err:
+            failure = str(err)
+    failure = first_failure(accelerator, failure)
+    if failure is not None:
+        raise OutputWriteError(failure)

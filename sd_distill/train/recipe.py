@@ -23,6 +23,7 @@ from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora,
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .checkpoint import read_step
 from .checks import decay_fit_error, raise_if_any
+from .collective import main_process_writes
 from .config import INVERSE_SQUARE, SMOOTH_FEATURES, TrainConfig, resolve_auto_cache
 from .data import TrainData
 from .distributed import is_deepspeed, register_lora_only_state_hooks
@@ -357,8 +358,7 @@ def finish(tr: Training, stats: Stats) -> None:
                 tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step, tr.weight_dtype
             )
         save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous)
-    if tr.accelerator.is_main_process:
-        write_summary(config, stats)
-    tr.accelerator.wait_for_everyone()  # no rank tears its group down while another still works
+    # every rank waits for it, so none tears its group down while the main one still writes
+    main_process_writes(tr.accelerator, lambda: write_summary(config, stats))
     tr.accelerator.end_training()
     tr.run_dir.release()
