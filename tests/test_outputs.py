@@ -193,6 +193,30 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(
     assert not list(out.glob(".checkpoint-*")) and checkpoint_damage(out / "checkpoint-2") == []
 
 
+def test_a_full_disk_at_the_final_save_is_one_error_and_leaves_the_checkpoints(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from sd_distill.files import TEMP_MARK, OutputWriteError
+    from sd_distill.train.integrity import checkpoint_damage
+
+    out = tmp_path / "out"
+    real = StableDiffusionPipeline.save_lora_weights.__func__
+
+    def save_lora_weights(cls, folder, **kwargs):  # the disk is full when the final LoRA is written
+        if Path(folder) == out:
+            FULL_DISK["safetensors"]()
+        return real(cls, folder, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", classmethod(save_lora_weights))
+    with pytest.raises(OutputWriteError) as raised:
+        run_training(train_args(tiny_model_dir, data, out, steps=4))
+    assert "no space left on the device" in str(raised.value) and LORA in str(raised.value)
+    assert not (out / LORA).exists() and not [p for p in out.iterdir() if TEMP_MARK in p.name]
+    assert checkpoint_damage(out / "checkpoint-4") == []  # the run can still be saved from its last checkpoint
+
+
 def test_a_full_disk_never_leaves_a_half_file_over_a_good_one(tiny_lora_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import safetensors.torch
     from safetensors.torch import load_file

@@ -22,7 +22,6 @@ from ..constants import (
     SUMMARY_FILE_NAME,
 )
 from ..files import (
-    OutputWriteError,
     as_write_error,
     folder_size,
     fsync_dir,
@@ -34,7 +33,7 @@ from ..files import (
 )
 from ..lora import adapter_metadata
 from .checkpoint import deepspeed_engine
-from .collective import first_failure
+from .collective import main_process_writes
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -45,25 +44,21 @@ def save_final(accelerator: Any, model: Any, config: TrainConfig, on_saved: Call
     then ``on_saved()`` and the fused pipeline if asked for. A failed write raises
     :class:`OutputWriteError` on every rank."""
     weights = student_weights(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
-    failure = None
-    if accelerator.is_main_process:
-        try:
-            _write_final(weights, model, config)
-            if on_saved is not None:
-                on_saved()
-            if config.export_fused_pipeline:
-                export_fused_pipeline(
-                    config.pretrained_model_name_or_path,
-                    Path(config.output_dir),
-                    config.export_fused_pipeline,
-                    config.revision,
-                    config.variant,
-                )
-        except OutputWriteError as err:
-            failure = str(err)
-    failure = first_failure(accelerator, failure)
-    if failure is not None:
-        raise OutputWriteError(failure)
+
+    def write() -> None:
+        _write_final(weights, model, config)
+        if on_saved is not None:
+            on_saved()
+        if config.export_fused_pipeline:
+            export_fused_pipeline(
+                config.pretrained_model_name_or_path,
+                Path(config.output_dir),
+                config.export_fused_pipeline,
+                config.revision,
+                config.variant,
+            )
+
+    main_process_writes(accelerator, write)
 
 
 def _write_final(weights: StudentWeights, model: Any, config: TrainConfig) -> None:
