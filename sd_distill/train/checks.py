@@ -98,6 +98,11 @@ def _check_optimiser(c: TrainConfig, need: Need) -> None:
     need(c.adam_weight_decay >= 0, f"--adam_weight_decay {c.adam_weight_decay} must be 0 or more.")
     need(c.lr_warmup_steps >= 0, f"--lr_warmup_steps {c.lr_warmup_steps} must be 0 or more.")
     _check_decay(c, need)
+    need(
+        c.average_last_fraction is None or 0 <= c.average_last_fraction < 1,
+        f"--average_last_fraction {c.average_last_fraction} must be in [0, 1) (0.2: the mean of the last fifth "
+        "of the steps; 0: off).",
+    )
     need(c.huber_c > 0, f"--huber_c {c.huber_c} must be positive.")
     need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora_alpha {c.lora_alpha} must be positive.")
     need(

@@ -160,6 +160,8 @@ def _guard_update(tr: Training, loss_bad: torch.Tensor) -> torch.Tensor:
 def _after_update(tr: Training, run: _Progress) -> None:
     """After an optimizer step: agree, log, checkpoint and validate when due."""
     stats, config, step = run.stats, tr.config, run.stats.global_step
+    if tr.average is not None:
+        tr.average.update(step)  # before a checkpoint, which then holds this step in the mean
     after_update = getattr(tr.source, "after_update", None)  # e.g. the student's pool, renewed when due
     if after_update is not None and step < tr.schedule.max_steps:
         after_update(step)  # before a checkpoint, which then holds what the next step trains on

@@ -32,6 +32,7 @@ from ..files import (
     write_atomically,
 )
 from ..lora import adapter_metadata
+from .averaging import WeightAverage
 from .checkpoint import deepspeed_engine
 from .collective import main_process_writes
 from .config import TrainConfig
@@ -39,11 +40,22 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def save_final(accelerator: Any, model: Any, config: TrainConfig, on_saved: Callable[[], None] | None = None) -> None:
+def save_final(
+    accelerator: Any,
+    model: Any,
+    config: TrainConfig,
+    on_saved: Callable[[], None] | None = None,
+    average: WeightAverage | None = None,
+) -> None:
     """The adapter in diffusers LoRA format (with its adapter metadata), the config and a model card;
-    then ``on_saved()`` and the fused pipeline if asked for. A failed write raises
-    :class:`OutputWriteError` on every rank."""
-    weights = student_weights(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
+    then ``on_saved()`` and the fused pipeline if asked for. With an ``average`` that holds steps, its
+    mean is saved instead of the last step's weights. A failed write raises :class:`OutputWriteError`
+    on every rank."""
+    if average is not None and average.count:
+        weights = average.student_weights(model)
+        logger.info("saving the mean of the weights over the last %d steps", average.count)
+    else:
+        weights = student_weights(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
 
     def write() -> None:
         _write_final(weights, model, config)

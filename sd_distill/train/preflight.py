@@ -9,10 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .averaging import decide_averaging
 from .checks import config_errors, raise_if_any
 from .collective import first_failure, from_main
 from .config import ConfigError, TrainConfig
-from .distributed import accelerator_errors, is_deepspeed, make_accelerator, setup_logging, warn_about_zero3
+from .distributed import (
+    accelerator_errors,
+    is_deepspeed,
+    make_accelerator,
+    setup_logging,
+    warn_about_zero3,
+    zero_stage,
+)
 from .launch import apply_to_deepspeed, resolve_launch
 from .ownership import LOCK_NAME, export_errors, output_dir_errors, side_folder_errors
 from .resume import pick_resume
@@ -40,6 +48,8 @@ def preflight(config: TrainConfig) -> Preflight:
         raise
     setup_logging(accelerator)
     apply_to_deepspeed(accelerator, config)
+    config, averaging_errors = decide_averaging(config, zero_stage(accelerator))
+    errors += averaging_errors
     errors += accelerator_errors(accelerator, config)
     lock, decision = None, None
     if accelerator.is_main_process:

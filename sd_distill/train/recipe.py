@@ -21,6 +21,7 @@ import torch
 from ..conditioning import add_guidance_conditioning, guidance_projection
 from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora, lora_parameters
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
+from .averaging import WeightAverage, averaging_start
 from .checkpoint import read_step
 from .checks import decay_fit_error, raise_if_any
 from .collective import main_process_writes
@@ -79,6 +80,7 @@ class Training:
     weight_dtype: torch.dtype
     seed: int
     start_step: int
+    average: WeightAverage | None  # the mean of the last steps' weights, saved as the LoRA
     resume_from: Path | None
     run_dir: RunDir  # the output folder's lock; the run this one replaces, set aside until it is done
 
@@ -150,6 +152,10 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
             objective["source"], trajectories, components, student, teacher,
             objective["target"].student_inputs, uncond_emb, accelerator, weight_dtype,
         )  # fmt: skip
+    average = None
+    if config.average_last_fraction:  # registered after the student pool: checkpoints number them in order
+        average = WeightAverage(model, averaging_start(schedule.max_steps, config.average_last_fraction))
+        accelerator.register_for_checkpointing(average)
     start_step = _restore(accelerator, model, resume_from, lr_scheduler, peak_lr(config, accelerator.num_processes))
     if isinstance(objective["source"], StudentStates):
         objective["source"].after_update(start_step)  # the first pool (a resumed run has its own)
@@ -178,6 +184,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
         weight_dtype=weight_dtype,
         seed=seed,
         start_step=start_step,
+        average=average,
         resume_from=resume_from,
         run_dir=pre.run_dir,
     )
@@ -357,7 +364,7 @@ def finish(tr: Training, stats: Stats) -> None:
             run_validation(
                 tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step, tr.weight_dtype
             )
-        save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous)
+        save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous, average=tr.average)
     # every rank waits for it, so none tears its group down while the main one still writes
     main_process_writes(tr.accelerator, lambda: write_summary(config, stats))
     tr.accelerator.end_training()

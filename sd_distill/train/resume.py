@@ -39,6 +39,7 @@ RESUME_RULES: dict[str, str] = {
     "student_state_fraction": MATCH, "trajectory_dir": HONOUR,  # the buffer is found by its settings' hash
     # optimisation: the batch, the schedule's shape, and what the optimizer state restores anyway
     "train_batch_size": MATCH, "gradient_accumulation_steps": MATCH, "lr_scheduler": MATCH, "lr_decay_fraction": MATCH,
+    "average_last_fraction": MATCH,
     "lr_warmup_steps": MATCH, "adam_beta1": MATCH, "adam_beta2": MATCH, "adam_weight_decay": MATCH,
     "adam_epsilon": MATCH, "mixed_precision": MATCH,  # the precision the run had (training_state.json)
     "learning_rate": HONOUR, "scale_lr": HONOUR,  # set on the optimizer and the schedule after loading
@@ -115,7 +116,7 @@ def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<s
 
 # Settings added after checkpoints were first written, with the behaviour those checkpoints had: an
 # older checkpoint is compared as if it had saved them, so a resume cannot switch them on unseen.
-_BEFORE_THEY_EXISTED: dict[str, Any] = {**GUIDANCE_OPTIONS_OFF, "lr_decay_fraction": None}
+_BEFORE_THEY_EXISTED: dict[str, Any] = {**GUIDANCE_OPTIONS_OFF, "lr_decay_fraction": None, "average_last_fraction": 0.0}
 
 
 def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> list[str]:

@@ -1,0 +1,98 @@
+"""Tail averaging: the saved LoRA is the uniform mean of the trained weights over a run's last steps.
+
+A range student's batches mix scales from the whole range, so its updates stay noisy and its weights
+wander about the optimum more than a fixed-w student's; the mean of its last steps lies nearer the
+optimum than any one of them (Polyak averaging; on the toy teacher the error at w = 2 fell by 15 % on
+top of the learning-rate decay, BENCHMARKS.md). The mean is kept in fp32 beside each weight, on its
+device, updated after every optimizer step of the window (no host sync), checkpointed with the run
+(``accelerator.register_for_checkpointing``) and written instead of the last step's weights.
+
+Under DeepSpeed ZeRO-1/2 the weights averaged are the engine's module copy (bf16/fp16 under mixed
+precision: the mean of rounded weights, in fp32); ZeRO-3 partitions them, so it is refused there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from ..conditioning import StudentWeights, guidance_projection
+from ..constants import GUIDANCE_PROJ_KEY
+from ..lora import lora_parameters
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AVERAGE_FRACTION = 0.2  # the range's learning-rate decay window: the steps that settle it
+
+
+def decide_averaging(config: TrainConfig, zero_stage: Any) -> tuple[TrainConfig, list[str]]:
+    """``--average_last_fraction`` decided for this launch: by default the last fifth of a range
+    student's steps, none for a fixed-w student; never under ZeRO-3 (an explicit request is refused)."""
+    fraction = config.average_last_fraction
+    if fraction is not None:
+        if fraction > 0 and zero_stage == 3:
+            return config, [
+                f"--average_last_fraction {fraction}: weight averaging does not work under DeepSpeed ZeRO-3 (it "
+                "partitions the weights); pass --average_last_fraction 0 or use ZeRO-2."
+            ]
+        return config, []
+    decided = DEFAULT_AVERAGE_FRACTION if config.conditioned_on_guidance else 0.0
+    if decided and zero_stage == 3:
+        logger.warning("ZeRO-3: the LoRA is the last step's weights (weight averaging needs ZeRO-2 or less)")
+        decided = 0.0
+    return dataclasses.replace(config, average_last_fraction=decided), []
+
+
+def averaging_start(max_steps: int, fraction: float) -> int:
+    """The last step *not* averaged: the mean is over steps ``start + 1 … max_steps`` (at least one)."""
+    return max(0, min(max_steps - 1, round(max_steps * (1 - fraction))))
+
+
+class WeightAverage:
+    """The running mean of the student's trainable weights after each step past ``start_step``."""
+
+    def __init__(self, model: torch.nn.Module, start_step: int) -> None:
+        self.named = dict(lora_parameters(model))
+        proj = guidance_projection(model)
+        if proj is not None:
+            self.named[GUIDANCE_PROJ_KEY] = proj.weight
+        self.start_step = start_step
+        self.count = 0
+        self.mean = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.named.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step ``step``: fold the weights into the mean if the window has begun."""
+        if step <= self.start_step:
+            return
+        self.count += 1
+        for name, p in self.named.items():
+            self.mean[name].lerp_(p.detach().float(), 1.0 / self.count)
+
+    def student_weights(self, model: torch.nn.Module) -> StudentWeights:
+        """The mean as the student's weights, in the form :func:`~sd_distill.conditioning.save_student` writes."""
+        from peft.utils import get_peft_model_state_dict
+
+        values = {n: m.detach().to("cpu", copy=True).contiguous() for n, m in self.mean.items()}
+        proj = values.pop(GUIDANCE_PROJ_KEY, None)
+        return StudentWeights(get_peft_model_state_dict(model, state_dict=values), proj)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_step": self.start_step, "count": self.count, "mean": {n: m.cpu() for n, m in self.mean.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["start_step"] != self.start_step:  # --max_train_steps changed on resume: a new window
+            logger.warning(
+                "weight averaging: the checkpoint's window began after step %d, this run's after step %d; "
+                "the mean starts again there",
+                state["start_step"],
+                self.start_step,
+            )
+            return
+        self.count = int(state["count"])
+        for name, mean in self.mean.items():
+            mean.copy_(state["mean"][name])
