@@ -87,8 +87,8 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["start_step"] != self.start_step:  # --max_train_steps changed on resume: a new window
             logger.warning(
-                "weight averaging: the checkpoint's window began after step %d, this run's after step %d; "
-                "the mean starts again there",
+                "weight averaging: the checkpoint's window began after step %d, this run's after step %d "
+                "(--max_train_steps changed); the mean is taken afresh from the resumed step on",
                 state["start_step"],
                 self.start_step,
             )

@@ -139,6 +139,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
     remove_quietly(old)
 
 
+def _averaged(config: TrainConfig) -> str:
+    fraction = config.average_last_fraction
+    return f"The weights are the mean over the last {fraction:.0%} of the training steps. " if fraction else ""
+
+
 def model_card(config: TrainConfig) -> str:
     base, out = config.pretrained_model_name_or_path, config.output_dir
     head = f"""---
@@ -170,7 +175,7 @@ With `--export_fused_pipeline DIR` the folder DIR is a full pipeline that stock 
 (`StableDiffusionPipeline.from_pretrained(DIR)`). In one-pass sampling `negative_prompt` and
 `guidance_rescale` are ignored (there is no unconditional pass to apply them to).
 
-Training settings are in `{CONFIG_FILE_NAME}`.
+{_averaged(config)}Training settings are in `{CONFIG_FILE_NAME}`.
 """
         )
     return (
@@ -188,6 +193,6 @@ pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", guidance_scale=1.0).images[0]
 ```
 
-Training settings are in `{CONFIG_FILE_NAME}`.
+{_averaged(config)}Training settings are in `{CONFIG_FILE_NAME}`.
 """
     )
