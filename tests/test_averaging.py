@@ -1,6 +1,6 @@
 """Tail averaging (--average_last_fraction): the saved LoRA and cond_proj are the mean of the weights
-over the run's last steps, a resume in the middle of that window saves the same mean, and the default
-is decided per student and launch."""
+over the run's last steps, a resume in the middle of that window saves the same mean; on by default for a range student
+only, refused under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from helpers import reset_accelerate_state, run_training, train_args, write_image_folder
 from sd_distill.constants import GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
-from sd_distill.train.averaging import averaging_start, decide_averaging
+from sd_distill.train.averaging import averaging_errors, averaging_start
 from sd_distill.train.config import TrainConfig
 
 RANGE = ("--guidance_scale_range", "2", "8", "--guidance_embedding_dim", "32", "--learning_rate", "1e-2")
@@ -49,18 +49,14 @@ def test_a_run_resumed_inside_the_window_saves_the_same_mean(tiny_model_dir: Pat
 
 
 def test_a_range_student_averages_its_last_fifth_by_default_and_a_fixed_w_one_does_not() -> None:
-    ranged = TrainConfig(guidance_scale_range=[2.0, 8.0])
-    assert decide_averaging(ranged, zero_stage=2)[0].average_last_fraction == 0.2
-    assert decide_averaging(TrainConfig(), zero_stage=None)[0].average_last_fraction == 0.0
-    explicit = TrainConfig(guidance_scale_range=[2.0, 8.0], average_last_fraction=0.4)
-    assert decide_averaging(explicit, zero_stage=None) == (explicit, [])
+    assert TrainConfig(guidance_scale_range=[2.0, 8.0]).average_last_fraction == 0.2
+    assert TrainConfig().average_last_fraction == 0.0
     assert averaging_start(500, 0.2) == 400 and averaging_start(4, 0.01) == 3  # at least the last step
 
 
-def test_zero3_refuses_an_asked_for_average_and_keeps_the_last_step_by_default(caplog) -> None:
-    asked = TrainConfig(guidance_scale_range=[2.0, 8.0], average_last_fraction=0.2)
-    _, errors = decide_averaging(asked, zero_stage=3)
-    assert len(errors) == 1 and "ZeRO-3" in errors[0] and "--average_last_fraction 0" in errors[0]
-    with caplog.at_level("WARNING"):
-        decided, errors = decide_averaging(TrainConfig(guidance_scale_range=[2.0, 8.0]), zero_stage=3)
-    assert decided.average_last_fraction == 0.0 and errors == [] and "ZeRO-3" in caplog.text
+def test_zero3_refuses_averaging_with_a_way_out() -> None:
+    ranged = TrainConfig(guidance_scale_range=[2.0, 8.0])
+    (error,) = averaging_errors(ranged, zero_stage=3)
+    assert "ZeRO-3" in error and "--average_last_fraction 0" in error
+    assert averaging_errors(ranged, zero_stage=2) == []
+    assert averaging_errors(TrainConfig(guidance_scale_range=[2.0, 8.0], average_last_fraction=0.0), zero_stage=3) == []

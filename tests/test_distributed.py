@@ -210,3 +210,15 @@ def test_two_machines_without_a_shared_output_dir_both_stop_with_one_message(
         assert code != 0, text[-3000:]
         assert "error: --output_dir 'out' is not on a disk that every machine shares" in text, text[-3000:]
     assert not (tmp_path / "machine1" / "out").exists()  # the other machine wrote nothing
+
+
+def test_zero3_refuses_a_range_students_weight_averaging_before_any_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data, out, log = write_image_folder(tmp_path / "data", n=4), tmp_path / "out", tmp_path / "log.txt"
+    argv = train_args(tiny_model_dir, data, out, "--guidance_scale_range", "2", "8", steps=2)
+    proc = _launched("cpu_2proc_zero3.yaml", argv, log)
+    text = log.read_text()
+    errors = {line for line in text.splitlines() if line.startswith("error:")}
+    assert proc.returncode != 0 and len(errors) == 1, text[-4000:]
+    assert "ZeRO-3" in errors.pop() and "loaded" not in text and not (out / "pytorch_lora_weights.safetensors").exists()

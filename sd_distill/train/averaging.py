@@ -13,7 +13,6 @@ precision: the mean of rounded weights, in fp32); ZeRO-3 partitions them, so it 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -26,25 +25,16 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_AVERAGE_FRACTION = 0.2  # the range's learning-rate decay window: the steps that settle it
 
-
-def decide_averaging(config: TrainConfig, zero_stage: Any) -> tuple[TrainConfig, list[str]]:
-    """``--average_last_fraction`` decided for this launch: by default the last fifth of a range
-    student's steps, none for a fixed-w student; never under ZeRO-3 (an explicit request is refused)."""
-    fraction = config.average_last_fraction
-    if fraction is not None:
-        if fraction > 0 and zero_stage == 3:
-            return config, [
-                f"--average_last_fraction {fraction}: weight averaging does not work under DeepSpeed ZeRO-3 (it "
-                "partitions the weights); pass --average_last_fraction 0 or use ZeRO-2."
-            ]
-        return config, []
-    decided = DEFAULT_AVERAGE_FRACTION if config.conditioned_on_guidance else 0.0
-    if decided and zero_stage == 3:
-        logger.warning("ZeRO-3: the LoRA is the last step's weights (weight averaging needs ZeRO-2 or less)")
-        decided = 0.0
-    return dataclasses.replace(config, average_last_fraction=decided), []
+def averaging_errors(config: TrainConfig, zero_stage: Any) -> list[str]:
+    """ZeRO-3 partitions the weights, so no rank holds them whole to average: refused there."""
+    if config.average_last_fraction and zero_stage == 3:
+        return [
+            f"--average_last_fraction {config.average_last_fraction} (the default for a --guidance_scale_range "
+            "student): weight averaging does not work under DeepSpeed ZeRO-3, which partitions the weights; "
+            "pass --average_last_fraction 0 (the LoRA is then the last step's) or use ZeRO-2."
+        ]
+    return []
 
 
 def averaging_start(max_steps: int, fraction: float) -> int:

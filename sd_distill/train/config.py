@@ -26,6 +26,7 @@ INVERSE_SQUARE, SMOOTH_FEATURES = "inverse_square", "smooth"
 # Constant after the warm-up, then a linear fall to 0 over the last steps (transformers' WSD schedule).
 WARMUP_STABLE_DECAY = "warmup_stable_decay"
 DEFAULT_LR_DECAY_FRACTION = 0.2
+DEFAULT_AVERAGE_FRACTION = 0.2  # a range student's decay window: the steps that settle it
 
 
 class ConfigError(ValueError):
@@ -245,6 +246,8 @@ class TrainConfig:
             self.lr_scheduler = WARMUP_STABLE_DECAY if ranged else "constant"
         if self.lr_scheduler == WARMUP_STABLE_DECAY and self.lr_decay_fraction is None:
             self.lr_decay_fraction = DEFAULT_LR_DECAY_FRACTION
+        if self.average_last_fraction is None:
+            self.average_last_fraction = DEFAULT_AVERAGE_FRACTION if ranged else 0.0
 
     @property
     def guidance_scales(self) -> GuidanceScales:

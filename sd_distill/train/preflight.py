@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .averaging import decide_averaging
+from .averaging import averaging_errors
 from .checks import config_errors, raise_if_any
 from .collective import first_failure, from_main
 from .config import ConfigError, TrainConfig
@@ -48,8 +48,7 @@ def preflight(config: TrainConfig) -> Preflight:
         raise
     setup_logging(accelerator)
     apply_to_deepspeed(accelerator, config)
-    config, averaging_errors = decide_averaging(config, zero_stage(accelerator))
-    errors += averaging_errors
+    errors += averaging_errors(config, zero_stage(accelerator))
     errors += accelerator_errors(accelerator, config)
     lock, decision = None, None
     if accelerator.is_main_process:
