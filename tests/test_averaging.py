@@ -4,6 +4,7 @@ only, refused under ZeRO-3."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import reset_accelerate_state, run_training, train_args, write_image_folder
-from sd_distill.constants import GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from sd_distill.constants import GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
 from sd_distill.train.averaging import averaging_errors, averaging_start
 from sd_distill.train.config import TrainConfig
 
@@ -42,6 +43,9 @@ def test_a_run_resumed_inside_the_window_saves_the_same_mean(tiny_model_dir: Pat
     data, out = write_image_folder(tmp_path / "data", n=4), tmp_path / "out"
     run_training(_args(tiny_model_dir, data, out))
     whole = _weights(out)
+    # the mean is accelerate's registered object 0; the checkpoint records it, so a lost file is found early
+    assert json.loads((out / "checkpoint-5" / STATE_FILE_NAME).read_text())["custom_states"] == 1
+    assert (out / "checkpoint-5" / "custom_checkpoint_0.pkl").is_file()
     reset_accelerate_state()  # checkpoint-5 holds the mean of steps 4 and 5
     run_training(_args(tiny_model_dir, data, out, "--resume_from_checkpoint", str(out / "checkpoint-5")))
     resumed = _weights(out)

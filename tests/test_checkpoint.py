@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +133,37 @@ def test_a_damaged_checkpoint_is_refused_and_latest_falls_back(
         path, errors = pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH)
     assert errors == [] and path == tmp_path / "checkpoint-2"
     assert "checkpoint-4" in caplog.text and "checkpoint-2" in caplog.text and said in caplog.text
+
+
+def _with_registered_objects(checkpoint: Path, count: int, recorded: bool) -> None:
+    """What accelerate writes for objects given to register_for_checkpointing (the weight average)."""
+    for i in range(count):
+        torch.save({"state": torch.zeros(64)}, checkpoint / f"custom_checkpoint_{i}.pkl")
+    if recorded:
+        state = json.loads((checkpoint / STATE_FILE_NAME).read_text())
+        (checkpoint / STATE_FILE_NAME).write_text(json.dumps({**state, "custom_states": count}))
+
+
+@pytest.mark.parametrize(
+    "recorded, damage, said",
+    [
+        (True, lambda c: _truncate(c / "custom_checkpoint_1.pkl"), "custom_checkpoint_1.pkl is truncated"),
+        (True, lambda c: (c / "custom_checkpoint_1.pkl").unlink(), "custom_checkpoint_1.pkl is missing"),
+        (False, lambda c: (c / "custom_checkpoint_0.pkl").unlink(), "custom_checkpoint_0.pkl is missing"),
+    ],
+    ids=["truncated", "missing, recorded", "gap, older checkpoint"],
+)
+def test_a_damaged_registered_object_file_is_found_before_any_model_loads(
+    recorded: bool, damage: Any, said: str, tmp_path: Path
+) -> None:
+    _with_registered_objects(_checkpoint(tmp_path, 2), 2, recorded)
+    newest = _checkpoint(tmp_path, 4)
+    _with_registered_objects(newest, 2, recorded)
+    assert pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest)), LAUNCH) == (newest, [])
+    damage(newest)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest)), LAUNCH)
+    assert len(errors) == 1 and said in errors[0], errors
+    assert pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH) == (tmp_path / "checkpoint-2", [])
 
 
 def test_a_checkpoint_of_another_launch_is_refused(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from ..files import (
 )
 from ..lora import adapter_metadata
 from .collective import first_failure
+from .integrity import count_custom_states
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def _publish(tmp: Path, final: Path) -> None:
 def _write_own_files(tmp: Path, weights: StudentWeights, unet: Any, config: Any, accelerator: Any, step: int) -> None:
     save_student(weights, tmp, adapter_metadata(unet))
     (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
-    (tmp / STATE_FILE_NAME).write_text(strict_json(launch_record(accelerator, step)))
+    record = {**launch_record(accelerator, step), "custom_states": count_custom_states(tmp)}
+    (tmp / STATE_FILE_NAME).write_text(strict_json(record))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as handle:

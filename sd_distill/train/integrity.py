@@ -18,6 +18,9 @@ from .config import ConfigError
 DEEPSPEED_FOLDER = "pytorch_model"  # accelerate's DeepSpeed save_state tag
 _RNG_RE = re.compile(r"^random_states_(\d+)\.pkl$")
 _SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+# accelerate's file for the i-th object given to register_for_checkpointing (the weight average, a
+# trajectory source): load_state reads every one, so a missing or cut one fails after the models load.
+_CUSTOM_RE = re.compile(r"^custom_checkpoint_(\d+)\.pkl$")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -48,6 +51,7 @@ def checkpoint_damage(path: Path) -> list[str]:
     ranks = expected_processes(path)
     problems += _archive_problems([path / f"random_states_{i}.pkl" for i in range(ranks)])
     problems += _archive_problems([path / "scheduler.bin"])
+    problems += _archive_problems([path / f"custom_checkpoint_{i}.pkl" for i in range(expected_custom_states(path))])
     if is_deepspeed_checkpoint(path):
         problems += _deepspeed_problems(path / DEEPSPEED_FOLDER, ranks)
     else:
@@ -70,6 +74,24 @@ def expected_processes(path: Path) -> int:
         return recorded
     found = [int(m.group(1)) for f in _names(path) if (m := _RNG_RE.match(f))]
     return max(found) + 1 if found else 1
+
+
+def expected_custom_states(path: Path) -> int:
+    """How many registered objects ``path`` holds: recorded in training_state.json since it records
+    it, else one file per index up to the highest found (a gap is then a missing file)."""
+    try:
+        recorded = read_launch(path).get("custom_states")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, int) and recorded >= 0:
+        return recorded
+    found = [int(m.group(1)) for f in _names(path) if (m := _CUSTOM_RE.match(f))]
+    return max(found) + 1 if found else 0
+
+
+def count_custom_states(path: Path) -> int:
+    """The registered objects' files ``save_state`` wrote into ``path``."""
+    return sum(1 for f in _names(path) if _CUSTOM_RE.match(f))
 
 
 def launch_mismatch(path: Path, deepspeed: bool, zero_stage: Any, num_processes: int, precision: str) -> list[str]:
