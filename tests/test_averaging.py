@@ -5,6 +5,7 @@ only, refused under ZeRO-3."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from helpers import reset_accelerate_state, run_training, train_args, write_image_folder
 from sd_distill.constants import GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
-from sd_distill.train.averaging import averaging_errors, averaging_start
+from sd_distill.train.averaging import WeightAverage, averaging_errors, averaging_start
 from sd_distill.train.config import TrainConfig
 
 RANGE = ("--guidance_scale_range", "2", "8", "--guidance_embedding_dim", "32", "--learning_rate", "1e-2")
@@ -58,9 +59,49 @@ def test_a_range_student_averages_its_last_fifth_by_default_and_a_fixed_w_one_do
     assert averaging_start(500, 0.2) == 400 and averaging_start(4, 0.01) == 3  # at least the last step
 
 
+@pytest.mark.parametrize(
+    "steps, fraction, averaged", [(7, 0.5, 4), (10, 0.25, 3), (5, 0.3, 2), (100, 0.07, 7), (3, 0.5, 2)]
+)
+def test_the_window_is_the_fraction_rounded_up_as_the_decay_is(steps: int, fraction: float, averaged: int) -> None:
+    from sd_distill.train.schedule import decay_steps
+
+    assert steps - averaging_start(steps, fraction) == averaged == decay_steps(steps, fraction)
+
+
 def test_zero3_refuses_averaging_with_a_way_out() -> None:
     ranged = TrainConfig(guidance_scale_range=[2.0, 8.0])
     (error,) = averaging_errors(ranged, zero_stage=3)
-    assert "ZeRO-3" in error and "--average_last_fraction 0" in error
+    assert "ZeRO-3" in error and "--average_last_fraction 0" in error and "on by default" in error
+    (error,) = averaging_errors(TrainConfig(average_last_fraction=0.5), zero_stage=3)  # a fixed-w student's own choice
+    assert "--average_last_fraction 0.5:" in error and "default" not in error
     assert averaging_errors(ranged, zero_stage=2) == []
     assert averaging_errors(TrainConfig(guidance_scale_range=[2.0, 8.0], average_last_fraction=0.0), zero_stage=3) == []
+
+
+def _tiny_student() -> torch.nn.Module:
+    """A module with what WeightAverage reads: LoRA-named weights and the time embedding's cond_proj."""
+    model = torch.nn.Module()
+    model.block = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(2, 2, bias=False)})
+    model.time_embedding = torch.nn.Module()
+    model.time_embedding.cond_proj = torch.nn.Linear(2, 2, bias=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "saved_start, resumed_at, warned",
+    [(8, 4, False), (8, 9, True), (8, 6, True)],
+    ids=["the new window still whole ahead", "a mean begun is dropped", "a window already entered"],
+)
+def test_a_changed_window_on_resume_warns_only_when_steps_are_lost(
+    saved_start: int, resumed_at: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _tiny_student()
+    before = WeightAverage(model, start_step=saved_start)
+    for step in range(1, resumed_at + 1):
+        before.update(step)
+    after = WeightAverage(model, start_step=5)  # --max_train_steps changed: another window
+    with caplog.at_level(logging.WARNING):
+        after.load_state_dict(before.state_dict())
+    assert after.count == 0 and ("--max_train_steps changed" in caplog.text) == warned, caplog.text
+    after.update(resumed_at + 1)
+    assert after.count == int(resumed_at + 1 > 5)

@@ -166,6 +166,54 @@ def test_a_damaged_registered_object_file_is_found_before_any_model_loads(
     assert pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH) == (tmp_path / "checkpoint-2", [])
 
 
+@pytest.mark.parametrize(
+    "settings, recorded, files, said",
+    [
+        ({"average_last_fraction": 0.2}, None, 0, "custom_checkpoint_0.pkl is missing"),
+        ({"average_last_fraction": 0.2, "train_states": "student_trajectories"}, None, 1, "custom_checkpoint_1.pkl"),
+        ({}, 0, 1, "custom_checkpoint_0.pkl is more than the 0"),
+        ({}, "1", 1, "custom_states '1', not a count"),
+    ],
+    ids=["older, averaging, its only file lost", "older, pool and average, one lost", "record short", "bad record"],
+)
+def test_registered_object_files_must_match_what_the_checkpoint_was_saved_with(
+    settings: dict[str, Any], recorded: Any, files: int, said: str, tmp_path: Path
+) -> None:
+    """accelerate refuses, after the models load, a folder whose custom_checkpoint files are not one per
+    registered object: an older checkpoint (no record) is judged by its own saved settings."""
+    _checkpoint(tmp_path, 2, **settings)
+    whole = int("average_last_fraction" in settings) + int("train_states" in settings)  # the average, the pool
+    _with_registered_objects(tmp_path / "checkpoint-2", whole, True)
+    newest = _checkpoint(tmp_path, 4, **settings)
+    _with_registered_objects(newest, files, recorded=False)
+    if recorded is not None:
+        state = json.loads((newest / STATE_FILE_NAME).read_text())
+        (newest / STATE_FILE_NAME).write_text(json.dumps({**state, "custom_states": recorded}))
+    config = _config(tmp_path, resume_from_checkpoint=str(newest), **settings)
+    _, errors = pick_resume(config, LAUNCH)
+    assert len(errors) == 1 and said in errors[0], errors
+    latest = dataclasses.replace(config, resume_from_checkpoint="latest")
+    assert pick_resume(latest, LAUNCH) == (tmp_path / "checkpoint-2", [])
+
+
+def test_when_no_checkpoint_is_whole_the_error_says_how_to_go_on(tmp_path: Path) -> None:
+    for step in (2, 4):
+        (_checkpoint(tmp_path, step) / "scheduler.bin").unlink()
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH)
+    assert len(errors) == 1 and "checkpoint-4" in errors[0] and "scheduler.bin is missing" in errors[0]
+    assert "--overwrite_output_dir" in errors[0], errors
+
+
+def test_a_setting_a_new_default_changed_is_refused_with_the_flag_that_continues_it(tmp_path: Path) -> None:
+    """A range checkpoint from before tail averaging (no such key) against today's default of 0.2."""
+    path = _checkpoint(tmp_path, 2, guidance_scale_range=[1.5, 10.0], lora_target_modules=["to_q", "to_k"])
+    config = _config(tmp_path, resume_from_checkpoint=str(path), guidance_scale_range=[1.5, 10.0])
+    _, errors = pick_resume(config, LAUNCH)
+    assert len(errors) == 1
+    assert "average_last_fraction: checkpoint has 0.0, this run has 0.2 (pass --average_last_fraction 0.0" in errors[0]
+    assert "(pass --lora_target_modules to_q to_k to continue it)" in errors[0], errors
+
+
 def test_a_checkpoint_of_another_launch_is_refused(tmp_path: Path) -> None:
     plain = _checkpoint(tmp_path, 2)
     _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(plain)), {**LAUNCH, "deepspeed": True})

@@ -226,6 +226,18 @@ def test_every_numeric_flag_has_a_range(tmp_path: Path, data: Path, flags: list[
     assert any(words in e for e in errors), errors
 
 
+@pytest.mark.parametrize("flag", ["--average_last_fraction", "--lr_decay_fraction", "--guidance_scale"])
+def test_a_flag_that_is_not_a_number_is_said_once(tmp_path: Path, data: Path, flag: str) -> None:
+    from sd_distill.train.checks import config_errors
+    from sd_distill.train.config import parse_args
+
+    flags = [flag, "nan", "--lr_scheduler", "warmup_stable_decay", "--lora_rank", "0"]
+    errors = config_errors(parse_args(train_args(tmp_path, data, tmp_path / "out") + flags))
+    about = [e for e in errors if e.startswith(f"{flag} ")]
+    assert about == [f"{flag} nan is not a finite number."], errors
+    assert any(e.startswith("--lora_rank") for e in errors), errors  # the other problems are still all said
+
+
 def test_output_folders_that_are_files(tmp_path: Path, data: Path) -> None:
     from sd_distill.train.checks import config_errors
     from sd_distill.train.config import parse_args

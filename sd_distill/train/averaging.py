@@ -22,6 +22,7 @@ from ..conditioning import StudentWeights, guidance_projection
 from ..constants import GUIDANCE_PROJ_KEY
 from ..lora import lora_parameters
 from .config import TrainConfig
+from .schedule import tail_steps
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +30,19 @@ logger = logging.getLogger(__name__)
 def averaging_errors(config: TrainConfig, zero_stage: Any) -> list[str]:
     """ZeRO-3 partitions the weights, so no rank holds them whole to average: refused there."""
     if config.average_last_fraction and zero_stage == 3:
+        why = " (on by default for a --guidance_scale_range student)" if config.conditioned_on_guidance else ""
         return [
-            f"--average_last_fraction {config.average_last_fraction} (the default for a --guidance_scale_range "
-            "student): weight averaging does not work under DeepSpeed ZeRO-3, which partitions the weights; "
-            "pass --average_last_fraction 0 (the LoRA is then the last step's) or use ZeRO-2."
+            f"--average_last_fraction {config.average_last_fraction}{why}: weight averaging does not work under "
+            "DeepSpeed ZeRO-3, which partitions the weights; pass --average_last_fraction 0 (the LoRA is then "
+            "the last step's) or use ZeRO-2."
         ]
     return []
 
 
 def averaging_start(max_steps: int, fraction: float) -> int:
-    """The last step *not* averaged: the mean is over steps ``start + 1 … max_steps`` (at least one)."""
-    return max(0, min(max_steps - 1, round(max_steps * (1 - fraction))))
+    """The last step *not* averaged: the mean is over the last ``fraction`` of the steps, rounded up as
+    the learning-rate decay's are (at least one step)."""
+    return max_steps - tail_steps(max_steps, fraction)
 
 
 class WeightAverage:
@@ -52,11 +55,13 @@ class WeightAverage:
             self.named[GUIDANCE_PROJ_KEY] = proj.weight
         self.start_step = start_step
         self.count = 0
+        self.last_step = 0  # the last step seen, in the window or not
         self.mean = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.named.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step ``step``: fold the weights into the mean if the window has begun."""
+        self.last_step = step
         if step <= self.start_step:
             return
         self.count += 1
@@ -72,17 +77,25 @@ class WeightAverage:
         return StudentWeights(get_peft_model_state_dict(model, state_dict=values), proj)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start_step": self.start_step, "count": self.count, "mean": {n: m.cpu() for n, m in self.mean.items()}}
+        mean = {n: m.cpu() for n, m in self.mean.items()}
+        return {"start_step": self.start_step, "count": self.count, "last_step": self.last_step, "mean": mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        resumed = int(state.get("last_step", 0))
         if state["start_step"] != self.start_step:  # --max_train_steps changed on resume: a new window
-            logger.warning(
-                "weight averaging: the checkpoint's window began after step %d, this run's after step %d "
-                "(--max_train_steps changed); the mean is taken afresh from the resumed step on",
-                state["start_step"],
-                self.start_step,
-            )
+            if state["count"] or resumed > self.start_step:  # else the new window is still whole ahead
+                logger.warning(
+                    "weight averaging: --max_train_steps changed, so this run's window (the steps after step %d) "
+                    "is not the checkpoint's (after step %d); the checkpoint's mean of %d step(s) is dropped and "
+                    "the mean is taken over the steps after step %d",
+                    self.start_step,
+                    state["start_step"],
+                    state["count"],
+                    max(self.start_step, resumed),
+                )
+            self.last_step = resumed
             return
         self.count = int(state["count"])
+        self.last_step = resumed
         for name, mean in self.mean.items():
             mean.copy_(state["mean"][name])

@@ -30,13 +30,14 @@ def raise_if_any(errors: list[str]) -> None:
 
 def config_errors(config: TrainConfig) -> list[str]:
     """Everything that can be checked without loading a model or data, as one message each."""
-    errors: list[str] = []
+    nonfinite = _nonfinite_flags(config)
+    errors = [f"--{name} {getattr(config, name)} is not a finite number." for name in nonfinite]
 
     def need(ok: bool, message: str) -> None:
-        if not ok:
+        # a NaN or inf flag is said once, above: its own range check would only say it again
+        if not ok and not any(message.startswith(f"--{name} ") for name in nonfinite):
             errors.append(message)
 
-    _check_finite(config, need)
     _check_values(config, need)
     _check_optimiser(config, need)
     _check_loop(config, need)
@@ -49,12 +50,11 @@ def config_errors(config: TrainConfig) -> list[str]:
 Need = Callable[[bool, str], None]  # need(ok, message): records message unless ok
 
 
-def _check_finite(c: TrainConfig, need: Need) -> None:
+def _nonfinite_flags(c: TrainConfig) -> list[str]:
     """NaN or inf in a float flag would pass a range check written as ``not x < 0``."""
-    for f in dataclasses.fields(c):
-        value = getattr(c, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            need(False, f"--{f.name} {value} is not a finite number.")
+    return [
+        f.name for f in dataclasses.fields(c) if isinstance(v := getattr(c, f.name), float) and not math.isfinite(v)
+    ]
 
 
 def _check_decay(c: TrainConfig, need: Need) -> None:

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..constants import DEFAULT_BASE_MODEL
 from ..guidance import GuidanceScales
@@ -265,11 +265,23 @@ class TrainConfig:
         return self.train_states != "images"
 
     @property
+    def checkpointed_objects(self) -> int:
+        """How many objects the recipe registers for checkpointing (accelerate writes one
+        ``custom_checkpoint_<i>.pkl`` each and refuses a folder with another count)."""
+        return checkpointed_objects(self.train_states, self.average_last_fraction)
+
+    @property
     def prompts_for_validation(self) -> list[str]:
         return list(self.validation_prompts) or ([self.default_prompt] if self.default_prompt else [])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, allow_nan=False)
+
+
+def checkpointed_objects(train_states: Any, average_last_fraction: Any) -> int:
+    """The student pool of an on-policy source, then the weight average: what a run with these
+    settings registers for checkpointing (also read off an older checkpoint's saved config)."""
+    return int(train_states == "student_trajectories") + int(bool(average_last_fraction))
 
 
 def build_parser() -> argparse.ArgumentParser:

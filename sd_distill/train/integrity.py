@@ -13,7 +13,7 @@ from typing import Any
 
 from ..constants import CONFIG_FILE_NAME, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME, STATE_FILE_NAME
 from .collective import first_failure
-from .config import ConfigError
+from .config import ConfigError, checkpointed_objects
 
 DEEPSPEED_FOLDER = "pytorch_model"  # accelerate's DeepSpeed save_state tag
 _RNG_RE = re.compile(r"^random_states_(\d+)\.pkl$")
@@ -51,7 +51,7 @@ def checkpoint_damage(path: Path) -> list[str]:
     ranks = expected_processes(path)
     problems += _archive_problems([path / f"random_states_{i}.pkl" for i in range(ranks)])
     problems += _archive_problems([path / "scheduler.bin"])
-    problems += _archive_problems([path / f"custom_checkpoint_{i}.pkl" for i in range(expected_custom_states(path))])
+    problems += custom_state_problems(path)
     if is_deepspeed_checkpoint(path):
         problems += _deepspeed_problems(path / DEEPSPEED_FOLDER, ranks)
     else:
@@ -76,17 +76,35 @@ def expected_processes(path: Path) -> int:
     return max(found) + 1 if found else 1
 
 
-def expected_custom_states(path: Path) -> int:
-    """How many registered objects ``path`` holds: recorded in training_state.json since it records
-    it, else one file per index up to the highest found (a gap is then a missing file)."""
+def custom_state_problems(path: Path) -> list[str]:
+    """accelerate's ``load_state`` needs exactly one whole file per registered object. How many there
+    must be: the count recorded in training_state.json, but never fewer than the checkpoint's own saved
+    settings register (an older checkpoint records none), nor fewer than the highest file found."""
+    found = sorted(int(m.group(1)) for f in _names(path) if (m := _CUSTOM_RE.match(f)))
     try:
         recorded = read_launch(path).get("custom_states")
     except (OSError, ValueError):
-        recorded = None
-    if isinstance(recorded, int) and recorded >= 0:
-        return recorded
-    found = [int(m.group(1)) for f in _names(path) if (m := _CUSTOM_RE.match(f))]
-    return max(found) + 1 if found else 0
+        recorded = None  # training_state.json's own problem is reported on its own
+    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 0):
+        return [f"training_state.json records custom_states {recorded!r}, not a count of files"]
+    implied = _registered_by_saved_config(path)
+    expected = max(recorded or 0, implied) if recorded is not None else max(found[-1] + 1 if found else 0, implied)
+    problems = _archive_problems([path / f"custom_checkpoint_{i}.pkl" for i in range(expected)])
+    extra = [i for i in found if i >= expected]
+    if extra:
+        problems.append(
+            f"custom_checkpoint_{extra[0]}.pkl is more than the {expected} registered-object file(s) this "
+            "checkpoint was saved with"
+        )
+    return problems
+
+
+def _registered_by_saved_config(path: Path) -> int:
+    try:
+        saved = read_json_object(path / CONFIG_FILE_NAME)
+    except (OSError, ValueError):
+        return 0  # sd_distill_config.json's own problem is reported on its own
+    return checkpointed_objects(saved.get("train_states"), saved.get("average_last_fraction"))
 
 
 def count_custom_states(path: Path) -> int:
@@ -128,7 +146,7 @@ def load_state_or_error(accelerator: Any, path: Path, **kwargs: Any) -> None:
         accelerator.load_state(str(path), **kwargs)
     except Exception as err:  # torch, pickle, DeepSpeed and safetensors all raise their own types
         culprit = _file_in_traceback(err, path) or path
-        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        text = _shortened(" ".join(str(err).split()))
         detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
         failure = (
             f"could not resume from {str(path)!r}: {str(culprit)!r} is damaged or does not fit this run "
@@ -152,6 +170,13 @@ def _file_in_traceback(err: BaseException, folder: Path) -> Path | None:
                     found = Path(value)
         tb = tb.tb_next
     return found
+
+
+def _shortened(text: str, limit: int = 240) -> str:
+    """``text`` whole when short, else cut at the last word boundary before ``limit``."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
 
 
 def _names(folder: Path) -> list[str]:

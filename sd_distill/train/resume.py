@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,11 @@ def _newest_complete(output_dir: Path) -> tuple[Path | None, list[str]]:
                     candidate,
                 )
             return candidate, []
-    return None, _damage_errors(found[-1], "and no earlier checkpoint in the folder is complete")
+    return None, _damage_errors(
+        found[-1],
+        "no earlier checkpoint in the folder is complete either: restore the missing files, or start again "
+        "with --overwrite_output_dir (or another --output_dir)",
+    )
 
 
 def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<step> folder") -> list[str]:
@@ -125,6 +130,7 @@ def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...]
     names = names or tuple(k for k, rule in RESUME_RULES.items() if rule == MATCH and k not in _FROM_LAUNCH)
     diffs = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {getattr(config, key)!r}"
+        + _way_back(key, saved.get(key))
         for key in names
         if key in saved
         and not (key in _DECIDED_LATER and getattr(config, key) is None)
@@ -136,6 +142,20 @@ def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...]
         f"checkpoint {str(path)!r} was made with other settings; resume with the same ones or start a new "
         "--output_dir:\n    - " + "\n    - ".join(diffs)
     ]
+
+
+def _way_back(key: str, value: Any) -> str:
+    """The flag that gives a resumed run the checkpoint's ``value`` (a new default, e.g. averaging for a
+    range student, would otherwise refuse a checkpoint made before it), where one flag can say it."""
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        words = shlex.join(map(str, value))
+    elif isinstance(value, (int, float, str)):
+        words = shlex.quote(str(value))
+    else:
+        return ""
+    return f" (pass --{key} {words} to continue it)"
 
 
 def check_compatible(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> None:
