@@ -235,3 +235,23 @@ def test_a_checkpoint_of_another_launch_is_refused(tmp_path: Path) -> None:
     assert pick_resume(_config(tmp_path, resume_from_checkpoint=str(ds)), ds_launch) == (ds, [])
     _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(ds)), LAUNCH)
     assert "written with DeepSpeed" in errors[0]
+
+
+def test_a_load_state_failure_keeps_the_reason_on_its_later_lines(tmp_path: Path) -> None:
+    """accelerate puts the counts of its refusal on the lines after the first; the one line keeps them."""
+    from sd_distill.train.integrity import load_state_or_error
+
+    class Refuses:
+        num_processes = 1
+
+        def load_state(self, path: str, **kwargs: Any) -> None:
+            raise RuntimeError(
+                "Number of custom checkpoints in folder x does not match the number of registered objects:\n"
+                "\tFound checkpoints: 0\n\tRegistered objects: 1\n" + "Please make sure " * 40
+            )
+
+    with pytest.raises(ConfigError) as raised:
+        load_state_or_error(Refuses(), tmp_path)
+    message = str(raised.value)
+    assert "\n" not in message and "Found checkpoints: 0 Registered objects: 1" in message
+    assert "sure …)" in message and message.count("Please") < 40, message  # cut, at a word
