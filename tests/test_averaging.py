@@ -38,6 +38,7 @@ def test_the_saved_student_is_the_mean_of_its_last_steps(tiny_model_dir: Path, t
         assert torch.allclose(value, sum(s[name] for s in steps) / 3, atol=1e-7), name
     last = steps[-1]
     assert any(not torch.allclose(saved[k], last[k], atol=1e-6) for k in saved)  # not the last step's
+    assert "mean of the weights after each of the last 3 training steps" in (out / "README.md").read_text()
 
 
 def test_a_run_resumed_inside_the_window_saves_the_same_mean(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -51,14 +51,15 @@ def save_final(
     then ``on_saved()`` and the fused pipeline if asked for. With an ``average`` that holds steps, its
     mean is saved instead of the last step's weights. A failed write raises :class:`OutputWriteError`
     on every rank."""
-    if average is not None and average.count:
+    averaged = average.count if average is not None else 0
+    if averaged:
         weights = average.student_weights(model)
-        logger.info("saving the mean of the weights over the last %d steps", average.count)
+        logger.info("saving the mean of the weights over the last %d steps", averaged)
     else:
         weights = student_weights(model, deepspeed_engine(accelerator))  # collective under DeepSpeed
 
     def write() -> None:
-        _write_final(weights, model, config)
+        _write_final(weights, model, config, averaged)
         if on_saved is not None:
             on_saved()
         if config.export_fused_pipeline:
@@ -73,11 +74,11 @@ def save_final(
     main_process_writes(accelerator, write)
 
 
-def _write_final(weights: StudentWeights, model: Any, config: TrainConfig) -> None:
+def _write_final(weights: StudentWeights, model: Any, config: TrainConfig, averaged_steps: int = 0) -> None:
     out = Path(config.output_dir)
     save_student(weights, out, adapter_metadata(model))
     write_atomically(out / CONFIG_FILE_NAME, config.to_json())
-    write_atomically(out / MODEL_CARD_NAME, model_card(config))
+    write_atomically(out / MODEL_CARD_NAME, model_card(config, averaged_steps))
     logger.info("saved the LoRA adapter to %s", out / LORA_WEIGHTS_NAME)
 
 
@@ -139,12 +140,17 @@ def _swap_in(tmp: Path, final: Path) -> None:
     remove_quietly(old)
 
 
-def _averaged(config: TrainConfig) -> str:
-    fraction = config.average_last_fraction
-    return f"The weights are the mean over the last {fraction:.0%} of the training steps. " if fraction else ""
+def _averaged(config: TrainConfig, steps: int) -> str:
+    if not steps:
+        return ""
+    return (
+        f"The weights are the mean of the weights after each of the last {steps} training steps "
+        f"(`--average_last_fraction {config.average_last_fraction:g}`). "
+    )
 
 
-def model_card(config: TrainConfig) -> str:
+def model_card(config: TrainConfig, averaged_steps: int = 0) -> str:
+    """The README of a training folder; ``averaged_steps``: how many steps' weights the saved ones are the mean of."""
     base, out = config.pretrained_model_name_or_path, config.output_dir
     head = f"""---
 base_model: {base}
@@ -175,7 +181,7 @@ With `--export_fused_pipeline DIR` the folder DIR is a full pipeline that stock 
 (`StableDiffusionPipeline.from_pretrained(DIR)`). In one-pass sampling `negative_prompt` and
 `guidance_rescale` are ignored (there is no unconditional pass to apply them to).
 
-{_averaged(config)}Training settings are in `{CONFIG_FILE_NAME}`.
+{_averaged(config, averaged_steps)}Training settings are in `{CONFIG_FILE_NAME}`.
 """
         )
     return (
@@ -193,6 +199,6 @@ pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", guidance_scale=1.0).images[0]
 ```
 
-{_averaged(config)}Training settings are in `{CONFIG_FILE_NAME}`.
+{_averaged(config, averaged_steps)}Training settings are in `{CONFIG_FILE_NAME}`.
 """
     )
