@@ -106,3 +106,27 @@ def test_a_changed_window_on_resume_warns_only_when_steps_are_lost(
     assert after.count == 0 and ("--max_train_steps changed" in caplog.text) == warned, caplog.text
     after.update(resumed_at + 1)
     assert after.count == int(resumed_at + 1 > 5)
+
+
+def test_the_saved_mean_gets_validation_images_of_its_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The last step's images are rendered as always; beside them, those of the student that is saved."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from sd_distill import load_student
+
+    data, out = write_image_folder(tmp_path / "data", n=4), tmp_path / "out"
+    prompt, steps = "a red circle", 2
+    render = ("--validation_prompts", prompt, "--validation_steps", "6", "--num_validation_inference_steps", str(steps))
+    run_training(_args(tiny_model_dir, data, out, *render))
+    folder = out / "validation"
+    last, mean = (np.asarray(Image.open(folder / d / "00-student-w7.5.png")) for d in ("step-6", "step-6-mean"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    load_student(pipe, out)
+    gen = torch.Generator("cpu").manual_seed(42)  # the run's --seed, which validation samples with
+    saved = np.asarray(pipe(prompt, guidance_scale=7.5, num_inference_steps=steps, generator=gen).images[0])
+    assert np.abs(mean.astype(int) - saved.astype(int)).max() <= 1  # the saved student's image
+    assert not np.array_equal(last, mean)  # not the last step's

@@ -13,7 +13,9 @@ precision: the mean of rounded weights, in fp32); ZeRO-3 partitions them, so it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -68,6 +70,17 @@ class WeightAverage:
         for name, p in self.named.items():
             self.mean[name].lerp_(p.detach().float(), 1.0 / self.count)
 
+    @contextlib.contextmanager
+    def in_model(self) -> Iterator[None]:
+        """The model holds the mean inside (the saved student, for its validation images) and its own
+        weights again afterwards."""
+        own = {n: p.detach().clone() for n, p in self.named.items()}
+        _copy_into(self.named, self.mean)
+        try:
+            yield
+        finally:
+            _copy_into(self.named, own)
+
     def student_weights(self, model: torch.nn.Module) -> StudentWeights:
         """The mean as the student's weights, in the form :func:`~sd_distill.conditioning.save_student` writes."""
         from peft.utils import get_peft_model_state_dict
@@ -99,3 +112,9 @@ class WeightAverage:
         self.last_step = resumed
         for name, mean in self.mean.items():
             mean.copy_(state["mean"][name])
+
+
+@torch.no_grad()
+def _copy_into(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        p.copy_(values[name])

@@ -187,7 +187,8 @@ class TrainConfig:
         None,
         "Save the mean of the weights over this last fraction of the steps instead of the last step's (0: off). "
         "Default: 0.2 with --guidance_scale_range (on the toy teacher the error at w = 2 fell by 18 %, "
-        "session-8 note), 0 without. Validation images show the weights of their step, not the mean.",
+        "BENCHMARKS.md session 8), 0 without. Validation images show the weights of their step; at the end, "
+        "validation/step-<N>-mean shows the saved mean.",
     )
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")

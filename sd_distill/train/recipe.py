@@ -364,6 +364,12 @@ def finish(tr: Training, stats: Stats) -> None:
             run_validation(
                 tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step, tr.weight_dtype
             )
+        if config.prompts_for_validation and tr.average is not None and tr.average.count:
+            with tr.average.in_model():  # the images of the student that is saved, beside the last step's
+                run_validation(
+                    tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step,
+                    tr.weight_dtype, name="mean",
+                )  # fmt: skip
         save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous, average=tr.average)
     # every rank waits for it, so none tears its group down while the main one still writes
     main_process_writes(tr.accelerator, lambda: write_summary(config, stats))

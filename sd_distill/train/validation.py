@@ -30,12 +30,14 @@ def run_validation(
     config: TrainConfig,
     step: int,
     weight_dtype: torch.dtype,
+    name: str = "",
 ) -> None:
     """Student at guidance 1 and teacher at guidance w, same seed per prompt; all ranks take part
-    (ZeRO-3 gathers parameters collectively), the main process writes the images."""
+    (ZeRO-3 gathers parameters collectively), the main process writes the images. ``name``: what
+    follows ``step-<step>`` in their folder and the tracker's tag (``mean``: the averaged student)."""
     with encoders_on(components, accelerator.device):
         images = _render(accelerator, model, separate_teacher, components, config, weight_dtype)
-    failure = _write(accelerator, images, config, step) if accelerator.is_main_process else None
+    failure = _write(accelerator, images, config, step, name) if accelerator.is_main_process else None
     failure = first_failure(accelerator, failure)  # a full disk: every rank stops with one line
     if failure is not None:
         raise OutputWriteError(failure)
@@ -105,11 +107,11 @@ def _render(
     return images
 
 
-def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int) -> str | None:
+def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int, name: str) -> str | None:
     """The images and the tracker's copy; the one-line reason when the disk refused them."""
     import numpy as np
 
-    folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    folder = Path(config.output_dir) / "validation" / "-".join(filter(None, (f"step-{step}", name)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(len(config.prompts_for_validation)):
@@ -122,6 +124,7 @@ def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, 
         if tracker.name == "tensorboard":
             for side, imgs in images.items():
                 stacked = np.stack([np.asarray(im) for im in imgs])
-                tracker.writer.add_images(f"validation/{side}", stacked, step, dataformats="NHWC")
+                tag = "/".join(filter(None, ("validation", name, side)))
+                tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
     logger.info("validation images for step %d in %s", step, folder)
     return None
