@@ -266,12 +266,6 @@ class TrainConfig:
         return self.train_states != "images"
 
     @property
-    def checkpointed_objects(self) -> int:
-        """How many objects the recipe registers for checkpointing (accelerate writes one
-        ``custom_checkpoint_<i>.pkl`` each and refuses a folder with another count)."""
-        return checkpointed_objects(self.train_states, self.average_last_fraction)
-
-    @property
     def prompts_for_validation(self) -> list[str]:
         return list(self.validation_prompts) or ([self.default_prompt] if self.default_prompt else [])
 
@@ -281,7 +275,8 @@ class TrainConfig:
 
 def checkpointed_objects(train_states: Any, average_last_fraction: Any) -> int:
     """The student pool of an on-policy source, then the weight average: what a run with these
-    settings registers for checkpointing (also read off an older checkpoint's saved config)."""
+    settings registers for checkpointing (the recipe's setup), read off a checkpoint's saved config;
+    accelerate writes one ``custom_checkpoint_<i>.pkl`` each and refuses a folder with another count."""
     return int(train_states == "student_trajectories") + int(bool(average_last_fraction))
 
 
