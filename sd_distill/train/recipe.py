@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +354,18 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # finish
 # ------------------------------------------------------------------------------------------------
+def _final_validation(tr: Training, step: int) -> None:
+    """The last step's images (unless the loop just rendered them) and, for an averaged run, those of
+    the student that is saved: the mean, swapped in for them."""
+    args = (tr.accelerator, tr.model, tr.separate_teacher, tr.components, tr.config, step, tr.weight_dtype)
+    render = partial(run_validation, *args)
+    if step % tr.config.validation_steps != 0:
+        render()
+    if tr.average is not None and tr.average.count:
+        with tr.average.in_model():
+            render(name="mean")
+
+
 def finish(tr: Training, stats: Stats) -> None:
     """Final validation and the LoRA (unless interrupted), the summary; every rank calls it. Once the
     new LoRA is written, a run it replaces (``--overwrite_output_dir``) is deleted."""
@@ -360,16 +373,8 @@ def finish(tr: Training, stats: Stats) -> None:
     if stats.interrupted:
         logger.warning("interrupted at step %d; resume with --resume_from_checkpoint latest", stats.global_step)
     else:
-        if config.prompts_for_validation and stats.global_step % config.validation_steps != 0:
-            run_validation(
-                tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step, tr.weight_dtype
-            )
-        if config.prompts_for_validation and tr.average is not None and tr.average.count:
-            with tr.average.in_model():  # the images of the student that is saved, beside the last step's
-                run_validation(
-                    tr.accelerator, tr.model, tr.separate_teacher, tr.components, config, stats.global_step,
-                    tr.weight_dtype, name="mean",
-                )  # fmt: skip
+        if config.prompts_for_validation:
+            _final_validation(tr, stats.global_step)
         save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous, average=tr.average)
     # every rank waits for it, so none tears its group down while the main one still writes
     main_process_writes(tr.accelerator, lambda: write_summary(config, stats))
