@@ -60,13 +60,19 @@ def test_a_range_student_averages_its_last_fifth_by_default_and_a_fixed_w_one_do
     assert averaging_start(500, 0.2) == 400 and averaging_start(4, 0.01) == 3  # at least the last step
 
 
-@pytest.mark.parametrize(
-    "steps, fraction, averaged", [(7, 0.5, 4), (10, 0.25, 3), (5, 0.3, 2), (100, 0.07, 7), (3, 0.5, 2)]
-)
-def test_the_window_is_the_fraction_rounded_up_as_the_decay_is(steps: int, fraction: float, averaged: int) -> None:
-    from sd_distill.train.schedule import decay_steps
-
-    assert steps - averaging_start(steps, fraction) == averaged == decay_steps(steps, fraction)
+def test_a_checkpoint_of_the_earlier_format_keeps_its_mean(caplog: pytest.LogCaptureFixture) -> None:
+    """A state saved before "last_step" was recorded, resumed with the same --max_train_steps (10 steps,
+    0.25: the window after step 8, as those runs had it), keeps its mean and says nothing."""
+    model = _tiny_student()
+    before = WeightAverage(model, start_step=averaging_start(10, 0.25))
+    for step in range(1, 10):
+        before.update(step)
+    old = {k: v for k, v in before.state_dict().items() if k != "last_step"}
+    after = WeightAverage(model, start_step=averaging_start(10, 0.25))
+    with caplog.at_level(logging.WARNING):
+        after.load_state_dict(old)
+    assert after.start_step == 8 and after.count == 1 and not caplog.text
+    assert all(torch.equal(after.mean[n], before.mean[n]) for n in before.mean)
 
 
 def test_zero3_refuses_averaging_with_a_way_out() -> None:

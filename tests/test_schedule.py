@@ -122,3 +122,14 @@ def test_a_run_given_more_steps_goes_on_at_the_stretched_schedule_not_at_its_dec
     assert resumed == pytest.approx(whole[4:])  # steps 4-7 of the 8-step schedule, the first not at 0
     halved, _ = rates(8, 4, ended, peak=0.5)
     assert halved == pytest.approx([r / 2 for r in whole[4:]])
+
+
+@pytest.mark.parametrize(
+    "steps, fraction, decayed", [(100, 0.07, 7), (10, 0.2, 2), (7, 0.5, 4), (3, 0.01, 1), (4, 1.0, 4)]
+)
+def test_the_decay_is_the_fraction_of_the_steps_rounded_up_not_its_float_error(
+    steps: int, fraction: float, decayed: int
+) -> None:
+    from sd_distill.train.schedule import decay_steps
+
+    assert decay_steps(steps, fraction) == decayed  # 100 * 0.07 is 7.000000000000001 in floats

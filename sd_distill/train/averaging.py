@@ -24,7 +24,6 @@ from ..conditioning import StudentWeights, guidance_projection
 from ..constants import GUIDANCE_PROJ_KEY
 from ..lora import lora_parameters
 from .config import TrainConfig
-from .schedule import tail_steps
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +41,10 @@ def averaging_errors(config: TrainConfig, zero_stage: Any) -> list[str]:
 
 
 def averaging_start(max_steps: int, fraction: float) -> int:
-    """The last step *not* averaged: the mean is over the last ``fraction`` of the steps, rounded up as
-    the learning-rate decay's are (at least one step)."""
-    return max_steps - tail_steps(max_steps, fraction)
+    """The last step *not* averaged: the mean is over steps ``start + 1 … max_steps`` (at least one).
+    Kept as checkpoints since averaging began have it (a new rounding would make a resumed run drop its
+    mean as if --max_train_steps had changed); the model card says how many steps it was."""
+    return max(0, min(max_steps - 1, round(max_steps * (1 - fraction))))
 
 
 class WeightAverage:
@@ -94,7 +94,8 @@ class WeightAverage:
         return {"start_step": self.start_step, "count": self.count, "last_step": self.last_step, "mean": mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        resumed = int(state.get("last_step", 0))
+        # checkpoints before "last_step": inside the window it is where the mean reached, else unknown
+        resumed = int(state.get("last_step", state["start_step"] + state["count"] if state["count"] else 0))
         if state["start_step"] != self.start_step:  # --max_train_steps changed on resume: a new window
             if state["count"] or resumed > self.start_step:  # else the new window is still whole ahead
                 logger.warning(
