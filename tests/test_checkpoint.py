@@ -156,14 +156,16 @@ def _with_registered_objects(checkpoint: Path, count: int, recorded: bool) -> No
 def test_a_damaged_registered_object_file_is_found_before_any_model_loads(
     recorded: bool, damage: Any, said: str, tmp_path: Path
 ) -> None:
-    _with_registered_objects(_checkpoint(tmp_path, 2), 2, recorded)
-    newest = _checkpoint(tmp_path, 4)
+    two = {"train_states": "student_trajectories", "average_last_fraction": 0.2}  # the pool, the average
+    _with_registered_objects(_checkpoint(tmp_path, 2, **two), 2, recorded)
+    newest = _checkpoint(tmp_path, 4, **two)
     _with_registered_objects(newest, 2, recorded)
-    assert pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest)), LAUNCH) == (newest, [])
+    assert pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest), **two), LAUNCH) == (newest, [])
     damage(newest)
-    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest)), LAUNCH)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(newest), **two), LAUNCH)
     assert len(errors) == 1 and said in errors[0], errors
-    assert pick_resume(_config(tmp_path, resume_from_checkpoint="latest"), LAUNCH) == (tmp_path / "checkpoint-2", [])
+    latest = _config(tmp_path, resume_from_checkpoint="latest", **two)
+    assert pick_resume(latest, LAUNCH) == (tmp_path / "checkpoint-2", [])
 
 
 @pytest.mark.parametrize(
@@ -172,9 +174,18 @@ def test_a_damaged_registered_object_file_is_found_before_any_model_loads(
         ({"average_last_fraction": 0.2}, None, 0, "custom_checkpoint_0.pkl is missing"),
         ({"average_last_fraction": 0.2, "train_states": "student_trajectories"}, None, 1, "custom_checkpoint_1.pkl"),
         ({}, 0, 1, "custom_checkpoint_0.pkl is more than the 0"),
-        ({}, "1", 1, "custom_states '1', not a count"),
+        ({}, None, 1, "custom_checkpoint_0.pkl is more than the 0"),
+        ({"average_last_fraction": 0.2}, "1", 1, "records '1' registered-object files, its settings make 1"),
+        ({"average_last_fraction": 0.2}, 2, 1, "records 2 registered-object files, its settings make 1"),
     ],
-    ids=["older, averaging, its only file lost", "older, pool and average, one lost", "record short", "bad record"],
+    ids=[
+        "older, averaging, its only file lost",
+        "older, pool and average, one lost",
+        "a stray file",
+        "older, a stray file",
+        "bad record",
+        "record not what its settings make",
+    ],
 )
 def test_registered_object_files_must_match_what_the_checkpoint_was_saved_with(
     settings: dict[str, Any], recorded: Any, files: int, said: str, tmp_path: Path
@@ -210,8 +221,36 @@ def test_a_setting_a_new_default_changed_is_refused_with_the_flag_that_continues
     config = _config(tmp_path, resume_from_checkpoint=str(path), guidance_scale_range=[1.5, 10.0])
     _, errors = pick_resume(config, LAUNCH)
     assert len(errors) == 1
-    assert "average_last_fraction: checkpoint has 0.0, this run has 0.2 (pass --average_last_fraction 0.0" in errors[0]
+    assert "average_last_fraction: checkpoint has 0.0, this run has 0.2 (pass --average_last_fraction=0.0" in errors[0]
     assert "(pass --lora_target_modules to_q to_k to continue it)" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "saved, now, hint",
+    [
+        ({"center_crop": False}, {"center_crop": True}, "(pass --no-center_crop to continue it)"),
+        ({"snr_gamma": None}, {"snr_gamma": 5.0}, "(leave out --snr_gamma to continue it)"),
+        ({"variant": "-fp16"}, {"variant": "fp16"}, "(pass --variant=-fp16 to continue it)"),
+    ],
+    ids=["a bool", "a setting the checkpoint lacked", "a value that starts with a dash"],
+)
+def test_each_hint_is_a_flag_the_parser_takes_and_the_resume_then_passes(
+    saved: dict[str, Any], now: dict[str, Any], hint: str, tmp_path: Path
+) -> None:
+    import shlex
+
+    from sd_distill.train.config import parse_args
+
+    path = _checkpoint(tmp_path, 2, **saved)
+    _, errors = pick_resume(_config(tmp_path, resume_from_checkpoint=str(path), **now), LAUNCH)
+    assert len(errors) == 1 and hint in errors[0], errors
+    base = ["--train_data_dir", "x", "--pretrained_model_name_or_path", "m", "--lora_rank", "4"]
+    base += ["--lora_target_modules", "to_q", "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(path)]
+    given = [w for k, v in now.items() for w in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    suggested = shlex.split(hint.removeprefix("(pass ").removesuffix(" to continue it)")) if "pass" in hint else []
+    if "leave out" in hint:
+        given = []
+    assert pick_resume(parse_args(base + given + suggested), LAUNCH) == (path, [])
 
 
 def test_a_checkpoint_of_another_launch_is_refused(tmp_path: Path) -> None:

@@ -77,20 +77,18 @@ def expected_processes(path: Path) -> int:
 
 
 def custom_state_problems(path: Path) -> list[str]:
-    """accelerate's ``load_state`` needs exactly one whole file per registered object. How many there
-    must be: the count recorded in training_state.json, but never fewer than the checkpoint's own saved
-    settings register (an older checkpoint records none), nor fewer than the highest file found."""
-    found = sorted(int(m.group(1)) for f in _names(path) if (m := _CUSTOM_RE.match(f)))
+    """accelerate's ``load_state`` needs exactly one whole file per object the run registers, and a
+    resumed run registers what the checkpoint's own saved settings do (they must match): so exactly
+    that many, whatever training_state.json records (older checkpoints record nothing)."""
+    expected = _registered_by_saved_config(path)
     try:
-        recorded = read_launch(path).get("custom_states")
+        recorded = read_launch(path).get("custom_states", expected)
     except (OSError, ValueError):
-        recorded = None  # training_state.json's own problem is reported on its own
-    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 0):
-        return [f"training_state.json records custom_states {recorded!r}, not a count of files"]
-    implied = _registered_by_saved_config(path)
-    expected = max(recorded or 0, implied) if recorded is not None else max(found[-1] + 1 if found else 0, implied)
+        recorded = expected  # training_state.json's own problem is reported on its own
+    if recorded != expected or isinstance(recorded, bool):
+        return [f"training_state.json records {recorded!r} registered-object files, its settings make {expected}"]
     problems = _archive_problems([path / f"custom_checkpoint_{i}.pkl" for i in range(expected)])
-    extra = [i for i in found if i >= expected]
+    extra = sorted(int(m.group(1)) for f in _names(path) if (m := _CUSTOM_RE.match(f)) and int(m.group(1)) >= expected)
     if extra:
         problems.append(
             f"custom_checkpoint_{extra[0]}.pkl is more than the {expected} registered-object file(s) this "

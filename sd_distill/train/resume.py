@@ -146,16 +146,16 @@ def compatibility_errors(path: Path, config: TrainConfig, names: tuple[str, ...]
 
 def _way_back(key: str, value: Any) -> str:
     """The flag that gives a resumed run the checkpoint's ``value`` (a new default, e.g. averaging for a
-    range student, would otherwise refuse a checkpoint made before it), where one flag can say it."""
-    if isinstance(value, bool) or value is None:
-        return ""
+    range student, would otherwise refuse a checkpoint made before it)."""
+    if value is None:
+        return f" (leave out --{key} to continue it)"
+    if isinstance(value, bool):
+        return f" (pass --{'' if value else 'no-'}{key} to continue it)"
     if isinstance(value, (list, tuple)):
-        words = shlex.join(map(str, value))
-    elif isinstance(value, (int, float, str)):
-        words = shlex.quote(str(value))
-    else:
-        return ""
-    return f" (pass --{key} {words} to continue it)"
+        return f" (pass --{key} {shlex.join(map(str, value))} to continue it)" if value else ""
+    if isinstance(value, (int, float, str)):  # --key=value: a value may start with '-'
+        return f" (pass {shlex.quote(f'--{key}={value}')} to continue it)"
+    return ""
 
 
 def check_compatible(path: Path, config: TrainConfig, names: tuple[str, ...] | None = None) -> None:
