@@ -208,6 +208,7 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
         (["--max_consecutive_nonfinite", "0"], "--max_consecutive_nonfinite 0 must be at least 1"),
         (["--learning_rate", "inf"], "--learning_rate inf is not a finite number"),
         (["--guidance_scale", "nan"], "--guidance_scale nan is not a finite number"),
+        (["--guidance_scale_range", "2", "inf"], "--guidance_scale_range 2.0 inf holds a value that is not a finite"),
         (["--guidance_loss_weighting", "inverse_square"], "add --guidance_scale_range"),
         (["--guidance_embedding_features", "smooth"], "add --guidance_scale_range"),
         (["--lr_decay_fraction", "0.2"], "--lr_decay_fraction applies to --lr_scheduler warmup_stable_decay only"),

@@ -325,6 +325,25 @@ def test_a_full_disk_while_writing_validation_images_stops_with_one_line(
     assert (out / "checkpoint-2").is_dir()  # the checkpoint written just before is intact
 
 
+def test_a_final_render_that_fails_leaves_the_lora_saved(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The last images are rendered after the LoRA is written, so running out of memory there costs
+    the images, not the run's result."""
+    from sd_distill.constants import LORA_WEIGHTS_NAME
+    from sd_distill.train import recipe
+
+    def out_of_memory(*args, **kwargs) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(recipe, "run_validation", out_of_memory)  # the final render only; the loop has its own
+    out = tmp_path / "out"
+    argv = ("--validation_steps", "3", "--num_validation_inference_steps", "1", "--default_prompt", "a red circle")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_training(train_args(tiny_model_dir, data, out, *argv, steps=4))
+    assert (out / LORA_WEIGHTS_NAME).is_file() and (out / "validation" / "step-3").is_dir()
+
+
 def test_a_failed_summary_write_is_raised_and_a_good_one_written(tmp_path) -> None:
     """What ``finish`` does on every rank: the main process writes; its failure is everyone's."""
     from types import SimpleNamespace

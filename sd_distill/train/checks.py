@@ -31,7 +31,7 @@ def raise_if_any(errors: list[str]) -> None:
 def config_errors(config: TrainConfig) -> list[str]:
     """Everything that can be checked without loading a model or data, as one message each."""
     nonfinite = _nonfinite_flags(config)
-    errors = [f"--{name} {getattr(config, name)} is not a finite number." for name in nonfinite]
+    errors = [_nonfinite_message(name, getattr(config, name)) for name in nonfinite]
 
     def need(ok: bool, message: str) -> None:
         # a NaN or inf flag is said once, above: its own range check would only say it again
@@ -51,10 +51,22 @@ Need = Callable[[bool, str], None]  # need(ok, message): records message unless 
 
 
 def _nonfinite_flags(c: TrainConfig) -> list[str]:
-    """NaN or inf in a float flag would pass a range check written as ``not x < 0``."""
-    return [
-        f.name for f in dataclasses.fields(c) if isinstance(v := getattr(c, f.name), float) and not math.isfinite(v)
-    ]
+    """NaN or inf in a float flag (or in a list of them) would pass a range check written as ``not x < 0``."""
+    return [f.name for f in dataclasses.fields(c) if any(_nonfinite(v) for v in _values(getattr(c, f.name)))]
+
+
+def _values(value: object) -> list[object]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _nonfinite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _nonfinite_message(name: str, value: object) -> str:
+    words = " ".join(map(str, _values(value)))
+    what = "holds a value that is not" if isinstance(value, (list, tuple)) else "is not"
+    return f"--{name} {words} {what} a finite number."
 
 
 def _check_decay(c: TrainConfig, need: Need) -> None:

@@ -367,15 +367,16 @@ def _final_validation(tr: Training, step: int) -> None:
 
 
 def finish(tr: Training, stats: Stats) -> None:
-    """Final validation and the LoRA (unless interrupted), the summary; every rank calls it. Once the
+    """The LoRA and final validation (unless interrupted), the summary; every rank calls it. Once the
     new LoRA is written, a run it replaces (``--overwrite_output_dir``) is deleted."""
     config = tr.config
     if stats.interrupted:
         logger.warning("interrupted at step %d; resume with --resume_from_checkpoint latest", stats.global_step)
     else:
+        # the LoRA first: a render that fails (out of memory) must not cost the run its result
+        save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous, average=tr.average)
         if config.prompts_for_validation:
             _final_validation(tr, stats.global_step)
-        save_final(tr.accelerator, tr.model, config, on_saved=tr.run_dir.discard_previous, average=tr.average)
     # every rank waits for it, so none tears its group down while the main one still writes
     main_process_writes(tr.accelerator, lambda: write_summary(config, stats))
     tr.accelerator.end_training()
