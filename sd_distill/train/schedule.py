@@ -60,12 +60,8 @@ class Schedule:
         return epoch * (self.batches_per_epoch or 0) + batches_done
 
 
-def tail_steps(max_steps: int, fraction: float) -> int:
-    """The last ``fraction`` of ``max_steps`` in whole steps, rounded up, at least one and at most all
-    (the product is rounded to 9 places first, so 0.07 of 100 steps is 7, not 8)."""
-    return max(1, min(max_steps, math.ceil(round(max_steps * fraction, 9))))
-
-
 def decay_steps(max_steps: int, fraction: float) -> int:
-    """Steps of the final decay of a warm-up/stable/decay schedule."""
-    return tail_steps(max_steps, fraction)
+    """Steps of the final decay of a warm-up/stable/decay schedule: the last ``fraction`` of the run,
+    rounded up, at least one and at most all (the product is rounded to 9 places first, so 0.07 of
+    100 steps is 7, not 8)."""
+    return max(1, min(max_steps, math.ceil(round(max_steps * fraction, 9))))
