@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .constants import GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from .constants import CONFIG_FILE_NAME, GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from .files import replace_atomically
 from .lora import fp32_master_weights, gathered, lora_state_dict, save_lora
 
@@ -140,18 +140,78 @@ def save_student(weights: StudentWeights, folder: str | Path, metadata: dict[str
     return path
 
 
-def load_guidance_projection(unet: Any, folder: str | Path) -> bool:
-    """Add ``cond_proj`` to ``unet`` from ``folder`` if the folder has one; returns whether it had."""
+class StudentFolderError(ValueError):
+    """A student folder that cannot be loaded as it says it was trained (one line, says how to fix it)."""
+
+
+def read_guidance_projection(folder: str | Path) -> torch.Tensor | None:
+    """``cond_proj``'s weight ``[C, D]`` from a student folder (or a hub repo id), ``None`` for a fixed-w
+    student. A folder whose recorded config says it was trained on a range but that lacks the file is
+    refused: loaded without it, the student would be sampled with CFG as if fixed-w, silently wrong."""
+    path = _student_file(folder, GUIDANCE_PROJ_WEIGHTS_NAME)
+    if path is None:
+        if _recorded_range(folder) is not None:
+            raise StudentFolderError(
+                f"{folder} holds a --guidance_scale_range student (its {CONFIG_FILE_NAME} says so) but not its "
+                f"{GUIDANCE_PROJ_WEIGHTS_NAME}: copy that file from the training folder beside the LoRA"
+            )
+        return None
     from safetensors.torch import load_file
 
-    path = Path(folder) / GUIDANCE_PROJ_WEIGHTS_NAME
-    if not path.is_file():
+    try:
+        weight = load_file(str(path)).get(GUIDANCE_PROJ_KEY)
+    except Exception as exc:  # a truncated or foreign file: safetensors' own error types vary
+        raise StudentFolderError(f"cannot read {path}: {exc}; copy it again from the training folder") from None
+    if weight is None or weight.ndim != 2:
+        raise StudentFolderError(f"{path} holds no 2-D {GUIDANCE_PROJ_KEY}: not an sd-distill guidance projection")
+    return weight
+
+
+def load_guidance_projection(unet: Any, folder: str | Path) -> bool:
+    """Add ``cond_proj`` to ``unet`` from ``folder`` if the folder has one; returns whether it had."""
+    weight = read_guidance_projection(folder)
+    if weight is None:
         return False
-    weight = load_file(str(path))[GUIDANCE_PROJ_KEY]
+    _set_projection(unet, weight)
+    return True
+
+
+def _set_projection(unet: Any, weight: torch.Tensor) -> None:
+    channels = unet.time_embedding.linear_1.in_features
+    if weight.shape[0] != channels:
+        raise StudentFolderError(
+            f"the guidance projection maps to {weight.shape[0]} time-embedding channels, this UNet has {channels}: "
+            "the student was trained on another base model"
+        )
     proj = add_guidance_conditioning(unet, weight.shape[1])
     with gathered([proj.weight]), torch.no_grad():  # ZeRO-3: into the partitioned weight
         proj.weight.copy_(weight.to(proj.weight))
-    return True
+
+
+def _student_file(folder: str | Path, name: str) -> Path | None:
+    """``folder/name`` when it exists: a local folder, else a hub repo id (downloaded, or from the cache)."""
+    if Path(folder).is_dir():
+        path = Path(folder) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(folder), name))
+    except EntryNotFoundError:  # the repo exists without this file: a fixed-w student's has none
+        return None
+
+
+def _recorded_range(folder: str | Path) -> list[float] | None:
+    """The ``guidance_scale_range`` a student folder's training config records, if it has one."""
+    import json
+
+    try:
+        path = _student_file(folder, CONFIG_FILE_NAME)
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return None  # no readable record: nothing to hold the folder to (a LoRA from elsewhere)
+    return recorded.get("guidance_scale_range") if isinstance(recorded, dict) else None
 
 
 class UnconditionedView(torch.nn.Module):
@@ -180,10 +240,62 @@ class UnconditionedView(torch.nn.Module):
             return getattr(self._modules["unet"], name)
 
 
+# Set on a pipeline's UNet by load_student: what it loaded, so that unload_student takes exactly that away.
+_LOADED = "_sd_distill_student"
+
+
 def load_student(pipe: Any, folder: str | Path, adapter_name: str | None = None) -> Any:
     """Load an sd-distill student into a stock pipeline: ``cond_proj`` (w-conditioned students), then the
     LoRA. Afterwards ``pipe(prompt, guidance_scale=g)`` makes one UNet call per step at any ``g`` for a
-    w-conditioned student; a fixed-w student is loaded the same way and sampled at ``guidance_scale=1``."""
-    load_guidance_projection(pipe.unet, folder)
-    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
+    w-conditioned student; a fixed-w student is loaded the same way and sampled at ``guidance_scale=1``.
+    ``folder`` is a training folder or a hub repo id. One student per pipeline: :func:`unload_student`
+    gives the base back (``pipe.unload_lora_weights()`` alone would leave ``cond_proj``, and so one-pass
+    sampling, in place). A load that fails leaves the pipeline as it was."""
+    unet = pipe.unet
+    loaded = getattr(unet, _LOADED, None)
+    if loaded is not None:
+        raise StudentFolderError(
+            f"this pipeline already holds the student {loaded['folder']}: call sd_distill.unload_student(pipe) first"
+        )
+    if guidance_projection(unet) is not None:
+        raise StudentFolderError(
+            f"this pipeline's UNet already takes timestep_cond (time_cond_proj_dim={unet.config.time_cond_proj_dim}; "
+            "an LCM UNet or a fused export?): an sd-distill student is trained on, and loads into, the plain base"
+        )
+    weight = read_guidance_projection(folder)
+    if weight is not None:
+        _set_projection(unet, weight)
+    before = set(_adapter_names(pipe))
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
+    except BaseException:
+        if weight is not None:
+            _remove_projection(unet)
+        raise
+    added = [n for n in _adapter_names(pipe) if n not in before]
+    setattr(unet, _LOADED, {"folder": str(folder), "adapters": added, "projection": weight is not None})
     return pipe
+
+
+def unload_student(pipe: Any) -> Any:
+    """Take the student :func:`load_student` loaded out of ``pipe`` again: its LoRA adapter and its
+    ``cond_proj`` (with ``time_cond_proj_dim``), so that ``pipe`` samples as the base with CFG."""
+    unet = pipe.unet
+    loaded = getattr(unet, _LOADED, None)
+    if loaded is None:
+        raise StudentFolderError("this pipeline holds no student loaded by sd_distill.load_student")
+    if loaded["adapters"]:
+        pipe.delete_adapters(loaded["adapters"])
+    if loaded["projection"]:
+        _remove_projection(unet)
+    delattr(unet, _LOADED)
+    return pipe
+
+
+def _adapter_names(pipe: Any) -> list[str]:
+    return [n for names in pipe.get_list_adapters().values() for n in names]
+
+
+def _remove_projection(unet: Any) -> None:
+    unet.time_embedding.cond_proj = None  # what TimestepEmbedding holds when built without cond_proj_dim
+    unet.register_to_config(time_cond_proj_dim=None)

@@ -163,3 +163,100 @@ def test_the_comparison_at_several_scales_writes_a_section_per_scale_and_the_cur
     ]
     low, high = (out / "distilled_g2").glob("*.png"), (out / "distilled_g7.5").glob("*.png")
     assert any(a.read_bytes() != b.read_bytes() for a, b in zip(sorted(low), sorted(high), strict=True))
+
+
+def _base_output(pipe) -> torch.Tensor:
+    x, t, emb = _inputs()
+    with torch.no_grad():
+        return pipe.unet(x, t, emb).sample
+
+
+def test_unload_student_gives_the_base_back_with_cfg(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill import unload_student
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = _pipe(tiny_model_dir)
+    before = _base_output(pipe)
+    load_student(pipe, tmp_path / "student")
+    assert pipe.unet.config.time_cond_proj_dim == DIM
+    unload_student(pipe)
+    assert pipe.unet.config.time_cond_proj_dim is None and guidance_projection(pipe.unet) is None
+    assert torch.allclose(_base_output(pipe), before, atol=1e-6)
+    calls: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    pipe("a red circle", num_inference_steps=1, guidance_scale=7.5, output_type="latent")
+    assert calls == [2]  # CFG again: the unconditional and conditional batch in one call
+    load_student(pipe, tmp_path / "student")  # and a student loads again
+    assert pipe.unet.config.time_cond_proj_dim == DIM
+
+
+def test_a_second_student_is_refused_until_the_first_is_unloaded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.conditioning import StudentFolderError
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = load_student(_pipe(tiny_model_dir), tmp_path / "student")
+    with pytest.raises(StudentFolderError, match="unload_student"):
+        load_student(pipe, tmp_path / "student", adapter_name="second")
+
+
+def test_a_failed_load_leaves_the_pipeline_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.constants import LORA_WEIGHTS_NAME
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    (tmp_path / "student" / LORA_WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    pipe = _pipe(tiny_model_dir)
+    before = _base_output(pipe)
+    with pytest.raises(Exception):  # whatever diffusers raises for the broken LoRA
+        load_student(pipe, tmp_path / "student")
+    assert pipe.unet.config.time_cond_proj_dim is None and guidance_projection(pipe.unet) is None
+    assert torch.equal(_base_output(pipe), before)
+
+
+def test_a_range_folder_without_its_projection_is_refused_not_loaded_as_fixed_w(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from sd_distill.conditioning import StudentFolderError
+    from sd_distill.constants import CONFIG_FILE_NAME, GUIDANCE_PROJ_WEIGHTS_NAME
+
+    folder = tmp_path / "student"
+    _trained_student(tiny_model_dir, folder)
+    (folder / CONFIG_FILE_NAME).write_text(json.dumps({"guidance_scale_range": [2.0, 8.0]}))
+    (folder / GUIDANCE_PROJ_WEIGHTS_NAME).unlink()
+    pipe = _pipe(tiny_model_dir)
+    with pytest.raises(StudentFolderError, match=f"not its {GUIDANCE_PROJ_WEIGHTS_NAME}"):
+        load_student(pipe, folder)
+    assert pipe.get_list_adapters() == {} or not any(pipe.get_list_adapters().values())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another key", "another base"])
+def test_a_broken_projection_file_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path, damage: str) -> None:
+    from safetensors.torch import save_file
+
+    from sd_distill.conditioning import StudentFolderError
+    from sd_distill.constants import GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME
+
+    folder = tmp_path / "student"
+    _trained_student(tiny_model_dir, folder)
+    path = folder / GUIDANCE_PROJ_WEIGHTS_NAME
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "another key":
+        save_file({"weight": torch.zeros(8, DIM)}, str(path))
+    else:  # a time embedding of another width
+        save_file({GUIDANCE_PROJ_KEY: torch.zeros(7, DIM)}, str(path))
+    pipe = _pipe(tiny_model_dir)
+    with pytest.raises(StudentFolderError, match="cannot read|not an sd-distill|another base model"):
+        load_student(pipe, folder)
+    assert guidance_projection(pipe.unet) is None
+
+
+def test_a_unet_already_told_w_takes_no_student(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.conditioning import StudentFolderError
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = _pipe(tiny_model_dir)
+    add_guidance_conditioning(pipe.unet, DIM)  # as an LCM UNet comes
+    with pytest.raises(StudentFolderError, match="already takes timestep_cond"):
+        load_student(pipe, tmp_path / "student")

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..conditioning import load_guidance_projection
+from ..conditioning import StudentFolderError, load_guidance_projection
 from ..constants import LORA_WEIGHTS_NAME
 from .config import SCHEDULERS, CompareConfig, CompareError, Resolved
 
@@ -55,6 +55,12 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     except (OSError, ValueError) as exc:
         raise CompareError(f"could not load base model {res.base!r}: {exc}") from None
     base.set_progress_bar_config(disable=True)
+    if base.unet.config.get("time_cond_proj_dim") is not None:  # stock diffusers would skip its CFG
+        raise CompareError(
+            f"the base model {res.base!r} has a UNet told the guidance scale (time_cond_proj_dim="
+            f"{base.unet.config.time_cond_proj_dim}), which stock diffusers samples without CFG: it cannot be the "
+            "base with CFG; pass the plain base the student was trained on with --b_model"
+        )
     base.scheduler = _scheduler_for(base, config.scheduler)
 
     if res.ft_kind == "lora":
@@ -71,7 +77,10 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     distilled.set_progress_bar_config(disable=True)
     if res.ft_kind == "lora":
         _check_lora_fits(base.unet, res)
-        load_guidance_projection(distilled.unet, res.ft_path)  # a w-conditioned student's cond_proj, if any
+        try:
+            load_guidance_projection(distilled.unet, res.ft_path)  # a w-conditioned student's cond_proj, if any
+        except StudentFolderError as exc:
+            raise CompareError(str(exc)) from None
         try:
             distilled.load_lora_weights(str(res.ft_path), weight_name=LORA_WEIGHTS_NAME)
         except (OSError, ValueError, RuntimeError) as exc:  # diffusers' message can be one line per layer
