@@ -48,6 +48,21 @@ def test_folder_that_is_not_a_pipeline(tmp_path: Path, data: Path, capsys: pytes
     assert code == 2 and "model_index.json" in err
 
 
+def test_a_base_whose_unet_is_already_told_w_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An LCM UNet (or a fused export) samples without CFG in stock diffusers: it cannot be the teacher."""
+    import json
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "lcm-like"))
+    unet_config = model / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "time_cond_proj_dim": 32}))
+    code, err = _main(train_args(model, data, tmp_path / "out"), capsys)
+    assert code == 2 and "already told the guidance scale (time_cond_proj_dim=32" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_all_bad_flags_are_reported_together(
     tiny_model_dir: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -211,6 +226,11 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
         (["--guidance_scale_range", "2", "inf"], "--guidance_scale_range 2.0 inf holds a value that is not a finite"),
         (["--guidance_loss_weighting", "inverse_square"], "add --guidance_scale_range"),
         (["--guidance_embedding_features", "smooth"], "add --guidance_scale_range"),
+        (["--guidance_scale_sampling", "log"], "add --guidance_scale_range"),
+        (["--guidance_embedding_dim", "32"], "add --guidance_scale_range"),
+        (["--guidance_scale_range", "2", "8", "--guidance_embedding_dim", "3"], "--guidance_embedding_dim 3 must be"),
+        (["--guidance_scale_range", "1.5", "4"], "--guidance_scale 7.5 (the scale of the validation images"),
+        (["--guidance_scale_range", "2", "8", "--guidance_scale", "9"], "is outside --guidance_scale_range 2 8"),
         (["--lr_decay_fraction", "0.2"], "--lr_decay_fraction applies to --lr_scheduler warmup_stable_decay only"),
         (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0"], "must be in (0, 1]"),
         (

@@ -137,3 +137,20 @@ def test_a_damaged_optimizer_state_gives_one_line(
     assert code == 2 and "Traceback" not in err
     assert err.count("error: ") == 1 and "optimizer.bin" in err and "checkpoint-2" in err, err
     assert (out / "checkpoint-4").is_dir() and not list(out.glob("abandoned-*"))  # a failed resume moved nothing
+
+
+def test_a_range_checkpoint_without_its_guidance_projection_is_damaged(tmp_path: Path) -> None:
+    """Its saved settings train a student told w: resumed without cond_proj, the hook would keep a zero
+    one and train on, the projection's progress silently lost."""
+    from safetensors.torch import save_file
+
+    from helpers import fake_checkpoint
+    from sd_distill.constants import GUIDANCE_PROJ_KEY, GUIDANCE_PROJ_WEIGHTS_NAME
+    from sd_distill.train.integrity import checkpoint_damage
+
+    path = fake_checkpoint(tmp_path / "out", 2, {"guidance_scale_range": [2.0, 8.0], "average_last_fraction": 0})
+    assert f"{GUIDANCE_PROJ_WEIGHTS_NAME} is missing" in checkpoint_damage(path)
+    save_file({GUIDANCE_PROJ_KEY: torch.zeros(8, 4)}, str(path / GUIDANCE_PROJ_WEIGHTS_NAME))
+    assert checkpoint_damage(path) == []
+    fixed = fake_checkpoint(tmp_path / "fixed", 2, {"average_last_fraction": 0})
+    assert checkpoint_damage(fixed) == []  # a fixed-w student has none

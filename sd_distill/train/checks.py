@@ -179,7 +179,22 @@ def _check_values(c: TrainConfig, need: Need) -> None:
             c.guidance_scale_range is not None or value == off,
             f"--{flag} {value} applies to a student told w; add --guidance_scale_range W_MIN W_MAX or drop it.",
         )
-    need(c.guidance_embedding_dim >= 2, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 2.")
+    # below 4 the embedding's frequencies divide by zero (dim // 2 - 1): every feature NaN
+    need(c.guidance_embedding_dim >= 4, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 4.")
+    for flag, default in (("guidance_scale_sampling", "uniform"), ("guidance_embedding_dim", 256)):
+        value = getattr(c, flag)
+        need(
+            c.guidance_scale_range is not None or value == default,
+            f"--{flag} {value} applies to a student told w; add --guidance_scale_range W_MIN W_MAX or drop it.",
+        )
+    if c.guidance_scale_range is not None and c.resume_from_checkpoint is None:  # older runs resume as they were
+        low, high = c.guidance_scale_range
+        need(
+            not low <= high or low <= c.guidance_scale <= high,
+            f"--guidance_scale {c.guidance_scale:g} (the scale of the validation images and the model card's "
+            f"example) is outside --guidance_scale_range {low:g} {high:g}: pass a --guidance_scale inside it, "
+            f"e.g. --guidance_scale {math.sqrt(low * high):.3g}.",
+        )
     need(c.snr_gamma is None or c.snr_gamma > 0, f"--snr_gamma {c.snr_gamma} must be positive.")
     need(c.checkpointing_steps >= 1, f"--checkpointing_steps {c.checkpointing_steps} must be at least 1.")
     need(c.validation_steps >= 1, f"--validation_steps {c.validation_steps} must be at least 1.")
@@ -253,6 +268,12 @@ def _check_sources(c: TrainConfig, need: Need) -> None:
             f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder "
             "(no model_index.json); save one with pipeline.save_pretrained().",
         )
+        need(
+            _told_guidance(model / "unet") is None,
+            f"--pretrained_model_name_or_path {str(model)!r} has a UNet already told the guidance scale "
+            f"(time_cond_proj_dim={_told_guidance(model / 'unet')}: an LCM or a fused sd-distill export), which "
+            "stock diffusers samples without CFG, so it cannot be the teacher; give the plain base model.",
+        )
     if c.resume_from_checkpoint not in (None, "latest"):
         need(
             Path(c.resume_from_checkpoint).is_dir(),
@@ -309,6 +330,17 @@ def _check_states(c: TrainConfig, need: Need) -> None:
             f"{flag} has no effect with --train_states {c.train_states} (no image is read and every stored "
             "target is its prompt's guided prediction); leave it out.",
         )
+
+
+def _told_guidance(unet_folder: Path) -> int | None:
+    """``time_cond_proj_dim`` of a local UNet folder's config (``None``: none, or no readable config)."""
+    import json
+
+    try:
+        value = json.loads((unet_folder / "config.json").read_text(encoding="utf-8")).get("time_cond_proj_dim")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loader reports a missing or broken UNet itself
+    return value
 
 
 def _looks_local(name: str) -> bool:

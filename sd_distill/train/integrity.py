@@ -46,7 +46,7 @@ def checkpoint_damage(path: Path) -> list[str]:
     """Files of checkpoint ``path`` that are missing, empty, truncated or unreadable."""
     problems = _json_problems(path / STATE_FILE_NAME, need_step=True) + _json_problems(path / CONFIG_FILE_NAME)
     problems += _safetensors_problems(path / LORA_WEIGHTS_NAME)
-    if (path / GUIDANCE_PROJ_WEIGHTS_NAME).exists():  # a w-conditioned student's (its config says so)
+    if (path / GUIDANCE_PROJ_WEIGHTS_NAME).exists() or _saved_range(path):  # a w-conditioned student's
         problems += _safetensors_problems(path / GUIDANCE_PROJ_WEIGHTS_NAME)
     ranks = expected_processes(path)
     problems += _archive_problems([path / f"random_states_{i}.pkl" for i in range(ranks)])
@@ -95,6 +95,14 @@ def custom_state_problems(path: Path) -> list[str]:
             "checkpoint was saved with"
         )
     return problems
+
+
+def _saved_range(path: Path) -> bool:
+    """Whether the checkpoint's saved settings train a student told w (so it must hold cond_proj)."""
+    try:
+        return read_json_object(path / CONFIG_FILE_NAME).get("guidance_scale_range") is not None
+    except (OSError, ValueError):
+        return False  # sd_distill_config.json's own problem is reported on its own
 
 
 def _registered_by_saved_config(path: Path) -> int:
