@@ -140,13 +140,13 @@ def remove_stale_temps(folder: Path, name: str = "*") -> list[Path]:
     removed = []
     for tmp in folder.glob(f".{name}{TEMP_MARK}*"):
         pid = tmp.name.rsplit(TEMP_MARK, 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not is_alive(int(pid)):
             remove_quietly(tmp)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -131,6 +131,60 @@ def test_export_targets_that_would_overwrite_something_are_refused(tiny_model_di
     assert export_errors(config) == []
 
 
+def test_an_export_into_a_folder_the_run_fills_is_refused(tmp_path: Path) -> None:
+    """Empty at the start, the cache, the buffer and the logs fill during training; a later export
+    swapped in over them would delete them."""
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.ownership import export_errors
+
+    out, side = tmp_path / "out", tmp_path / "side"
+    for flag, settings in (
+        ("--cache_dir", {"cache_dir": str(side / "cache")}),
+        ("--trajectory_dir", {"trajectory_dir": str(side / "buffer")}),
+        ("--logging_dir", {"logging_dir": str(side / "logs")}),  # an absolute one leaves the output folder
+    ):
+        config = TrainConfig(output_dir=str(out), export_fused_pipeline=str(side), **settings)
+        errors = export_errors(config)
+        assert len(errors) == 1 and f"is {flag} or inside/above it" in errors[0], (flag, errors)
+
+
+def test_an_earlier_export_the_user_added_to_is_not_replaced(
+    tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.outputs import export_fused_pipeline
+    from sd_distill.train.ownership import export_errors, is_fused_export
+
+    target = tmp_path / "fused"
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert is_fused_export(target)
+    (target / ".git").mkdir()  # made a hub clone since
+    (target / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert not is_fused_export(target)
+    config = TrainConfig(output_dir=str(tmp_path / "out"), export_fused_pipeline=str(target))
+    assert "is an earlier export with .git added since" in export_errors(config)[0]
+    # and one that became the user's while the run trained is left alone at export time
+    with pytest.raises(OutputWriteError, match="left as it is; the student is saved in"):
+        export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert (target / ".git" / "HEAD").is_file()
+
+
+def test_an_export_killed_between_its_renames_gets_its_earlier_export_back(
+    tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    from sd_distill.train.outputs import export_fused_pipeline
+
+    target = tmp_path / "fused"
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    moved = tmp_path / ".fused.old-999999999"  # a dead process moved it aside, then died
+    os.replace(target, moved)
+    half = tmp_path / ".fused.tmp-999999999"
+    (half / "unet").mkdir(parents=True)
+    export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    assert sorted(os.listdir(tmp_path)) == ["fused"]
+
+
 def test_a_second_run_on_the_same_folder_stops_at_once(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = str(ROOT / "train_sd_distil_lora.py")

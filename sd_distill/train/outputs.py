@@ -22,9 +22,11 @@ from ..constants import (
     SUMMARY_FILE_NAME,
 )
 from ..files import (
+    OutputWriteError,
     as_write_error,
     folder_size,
     fsync_dir,
+    is_alive,
     remove_quietly,
     remove_stale_temps,
     strict_json,
@@ -36,6 +38,7 @@ from .averaging import WeightAverage
 from .checkpoint import deepspeed_engine
 from .collective import main_process_writes
 from .config import TrainConfig
+from .ownership import is_fused_export
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,14 @@ def export_fused_pipeline(
     final = Path(target)
     tmp = temp_sibling(final)
     if final.parent.is_dir():
+        _recover_swap(final)  # an export killed between its two renames
         remove_stale_temps(final.parent, final.name)  # an export killed half-way
+    if final.exists() and not (final.is_dir() and (not os.listdir(final) or is_fused_export(final))):
+        # checked at start-up too; this run has trained since, and the folder is the user's now
+        raise OutputWriteError(
+            f"--export_fused_pipeline {str(final)!r} now holds files that are not an earlier export, so it was "
+            f"left as it is; the student is saved in {lora_dir}: export it again with a new folder"
+        )
     remove_quietly(tmp)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -125,9 +135,26 @@ def _params(component: Any) -> list[Any]:
     return list(component.parameters()) if hasattr(component, "parameters") else []
 
 
+def _old_sibling(final: Path, pid: int) -> Path:
+    return final.with_name(f".{final.name}.old-{pid}")
+
+
+def _recover_swap(final: Path) -> None:
+    """The earlier export a killed :func:`_swap_in` had moved aside: back in place if nothing took it,
+    else removed (the new one did)."""
+    for old in final.parent.glob(f".{final.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or is_alive(int(pid)):
+            continue
+        if final.exists():
+            remove_quietly(old)
+        else:
+            os.replace(old, final)
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``; an earlier export there goes only once that worked."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = _old_sibling(final, os.getpid())
     if final.exists():
         os.replace(final, old)
     try:

@@ -5,6 +5,7 @@ anything else that is not an earlier fused export."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -171,7 +172,10 @@ def export_errors(config: TrainConfig) -> list[str]:
         return []
     flag, target = "--export_fused_pipeline", Path(config.export_fused_pipeline)
     real = target.resolve()
-    clashes = [("--output_dir", Path(config.output_dir).resolve())]
+    out = Path(config.output_dir)
+    # the folders the run fills as it goes: empty (so allowed) now, deleted with an export swapped in later
+    clashes = [("--output_dir", out.resolve()), ("--logging_dir", (out / config.logging_dir).resolve())]
+    clashes += [(f"--{n}", Path(v).resolve()) for n in ("cache_dir", "trajectory_dir") if (v := getattr(config, n))]
     if os.path.exists(config.pretrained_model_name_or_path):
         clashes.append(
             ("the base model --pretrained_model_name_or_path", Path(config.pretrained_model_name_or_path).resolve())
@@ -185,19 +189,34 @@ def export_errors(config: TrainConfig) -> list[str]:
         return _parent_errors(target, flag)
     if not os.listdir(target) or is_fused_export(target):
         return _probe_errors(target.parent, flag)
+    added = _added_to_export(target)
+    if added:
+        return [
+            f"{flag} {str(target)!r} is an earlier export with {', '.join(added[:3])} added since, which replacing "
+            "it would delete; export to a new folder (or move those out)."
+        ]
     if is_ours(target):
         return [f"{flag} {str(target)!r} is another sd-distill run's folder; export to a folder of its own."]
     return [f"{flag} {str(target)!r} holds other files; export to a new or empty folder (or an earlier export)."]
 
 
 def is_fused_export(folder: Path) -> bool:
-    """What :func:`~.outputs.export_fused_pipeline` writes: a diffusers pipeline with our config beside it."""
-    return (
-        (folder / "model_index.json").is_file()
-        and _is_our_config(folder / CONFIG_FILE_NAME)
-        and not (folder / LORA_WEIGHTS_NAME).exists()
-        and not list_checkpoints(folder)
-    )
+    """What :func:`~.outputs.export_fused_pipeline` writes, and nothing else: a diffusers pipeline (its
+    ``model_index.json`` and the component folders it names) with our config beside it. A file or folder
+    added since (a git clone's ``.git``, a README) makes it the user's, not ours to replace."""
+    return _added_to_export(folder) == []
+
+
+def _added_to_export(folder: Path) -> list[str] | None:
+    """The entries of an earlier fused export that it did not write; ``None`` if it is no export."""
+    index = folder / "model_index.json"
+    if not (index.is_file() and _is_our_config(folder / CONFIG_FILE_NAME)):
+        return None
+    try:
+        components = {k for k in json.loads(index.read_text(encoding="utf-8")) if not k.startswith("_")}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sorted(set(os.listdir(folder)) - components - {"model_index.json", CONFIG_FILE_NAME})
 
 
 def later_outputs(out: Path, step: int) -> list[Path]:
