@@ -130,3 +130,51 @@ def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> Non
     with pytest.raises(CompareError, match=r"no space left on the device writing .*report.json \(\d+ MB free"):
         write_atomic(target, fill_disk)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_scales_the_report_would_name_alike_are_refused(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CompareError, match="differ by less than the report names them"):
+        resolve(_config(tiny_lora_dir, tmp_path, guidance_scales=[2.0, 7.5, 7.5000001]))
+
+
+def _range_student(tmp_path: Path, lora: Path, with_projection: bool = True) -> Path:
+    import torch
+
+    from sd_distill.conditioning import save_guidance_projection
+
+    folder = _lora_with(tmp_path, lora, guidance_scale_range=[2.0, 8.0])
+    if with_projection:
+        save_guidance_projection(torch.zeros(8, 32), folder)
+    return folder
+
+
+def test_a_range_student_without_its_projection_is_refused(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    folder = _range_student(tmp_path, tiny_lora_dir, with_projection=False)
+    with pytest.raises(CompareError, match="holds a --guidance_scale_range student"):
+        resolve(_config(folder, tmp_path))
+    assert not (tmp_path / "o").exists()
+
+
+def test_ft_guidance_scale_is_refused_for_a_student_told_w(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    folder = _range_student(tmp_path, tiny_lora_dir)
+    with pytest.raises(CompareError, match="applies to a fixed-w student"):
+        resolve(_config(folder, tmp_path, ft_guidance_scale=2.0))
+    assert resolve(_config(folder, tmp_path)).conditioned
+
+
+def test_scales_outside_the_trained_range_are_said_to_extrapolate(
+    tiny_lora_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _range_student(tmp_path, tiny_lora_dir)
+    with caplog.at_level("WARNING"):
+        resolve(_config(folder, tmp_path, guidance_scales=[2.0, 4.0, 12.0]))
+    warned = [r.getMessage() for r in caplog.records if "outside the range" in r.getMessage()]
+    assert len(warned) == 1 and "12 lie outside the range the student was trained on (2-8)" in warned[0]
+
+
+def test_a_fixed_w_student_is_labelled_with_its_trained_scale(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.eval.scales import trained_scale
+
+    folder = _lora_with(tmp_path, tiny_lora_dir, guidance_scale=4.0)
+    res = resolve(_config(folder, tmp_path, guidance_scale=6.0, guidance_scales=[4.0, 6.0]))
+    assert res.guidance_scale == 6.0 and trained_scale(res) == 4.0

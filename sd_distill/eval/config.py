@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -18,12 +19,13 @@ from ..constants import (
     DEFAULT_BASE_MODEL,
     DEFAULT_GUIDANCE_SCALE,
     DTYPE_NAMES,
-    GUIDANCE_PROJ_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
 )
 from ..options import build_parser as _build_parser
 from ..options import option
 from .prompts import DEFAULT_PROMPTS, read_prompts_file
+
+logger = logging.getLogger(__name__)
 
 # --scheduler names -> diffusers classes (imported lazily, after validation).
 SCHEDULERS = {
@@ -303,6 +305,7 @@ def resolve(config: CompareConfig) -> Resolved:
     guidance, guidance_source = _guidance(config, recorded, ft)
     scales = _guidance_scales(config)
     conditioned = is_conditioned(ft, kind)
+    _check_student_scales(config, recorded, conditioned, scales or [guidance])
     prompts = _prompts(config)
     check_scheduler(config, base, recorded.get("revision") if same_base else None)
     _check_out_dir(config, prompts, column_keys(config, conditioned, scales), curve=scales is not None)
@@ -341,7 +344,12 @@ def column_keys(config: CompareConfig, conditioned: bool, scales: list[float] | 
 def is_conditioned(ft: Path, kind: str) -> bool:
     """A student told w: a LoRA folder with its guidance projection, or a fused UNet with time_cond_proj_dim."""
     if kind == "lora":
-        return (ft / GUIDANCE_PROJ_WEIGHTS_NAME).is_file()
+        from ..conditioning import StudentFolderError, read_guidance_projection
+
+        try:
+            return read_guidance_projection(ft) is not None
+        except StudentFolderError as exc:
+            raise CompareError(str(exc)) from None
     unet_config = ft / "unet" / "config.json"
     try:
         return json.loads(unet_config.read_text()).get("time_cond_proj_dim") is not None
@@ -355,7 +363,38 @@ def _guidance_scales(config: CompareConfig) -> list[float] | None:
     bad = [g for g in config.guidance_scales if not (math.isfinite(g) and g >= 1)]
     if bad:
         raise CompareError(f"--guidance_scales {' '.join(f'{g:g}' for g in bad)}: each scale must be a number >= 1")
-    return list(dict.fromkeys(config.guidance_scales))  # in the order given, each once
+    unique = list(dict.fromkeys(config.guidance_scales))  # in the order given, each once
+    keys = [f"{g:g}" for g in unique]  # the report's and the images' names
+    same = sorted({k for k in keys if keys.count(k) > 1})
+    if same:
+        raise CompareError(
+            f"--guidance_scales: {', '.join(f'{g!r}' for g in unique if f'{g:g}' in same)} differ by less than the "
+            f"report names them ({', '.join(same)}); give scales that differ in their first 6 digits"
+        )
+    return unique
+
+
+def _check_student_scales(
+    config: CompareConfig, recorded: dict[str, Any], conditioned: bool, scales: list[float]
+) -> None:
+    """--ft_guidance_scale is a fixed-w student's; a w-conditioned one is told the scale(s) the base
+    runs, and one asked for a scale outside the range it learnt is said to extrapolate."""
+    if conditioned and config.ft_guidance_scale != 1.0:
+        raise CompareError(
+            f"--ft_guidance_scale {config.ft_guidance_scale:g} applies to a fixed-w student; this one is told w and "
+            "sampled at --guidance_scale (or each of --guidance_scales) in one pass: leave it out"
+        )
+    trained = recorded.get("guidance_scale_range")
+    if not conditioned or not (isinstance(trained, list) and len(trained) == 2 and all(map(_is_number, trained))):
+        return
+    outside = [g for g in scales if not trained[0] <= g <= trained[1]]
+    if outside:
+        logger.warning(
+            "guidance scale(s) %s lie outside the range the student was trained on (%g-%g): its images there "
+            "are an extrapolation",
+            " ".join(f"{g:g}" for g in outside),
+            *trained,
+        )
 
 
 def _check_out_dir(config: CompareConfig, prompts: list[str], keys: list[str], curve: bool) -> None:

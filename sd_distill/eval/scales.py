@@ -21,6 +21,7 @@ def build_columns(res: Resolved, config: CompareConfig, base: Any, distilled: An
     nocfg = [Column("base_nocfg", "base (no CFG)", base, 1.0, base_counter)] if config.also_base_without_cfg else []
     # a w-conditioned student takes the scale itself (stock diffusers then runs one pass, no CFG)
     student_scale = res.guidance_scale if res.conditioned else config.ft_guidance_scale
+    trained = trained_scale(res)
     if res.guidance_scales is None:
         return [
             Column("base_cfg", "base (CFG)", base, res.guidance_scale, base_counter),
@@ -34,11 +35,16 @@ def build_columns(res: Resolved, config: CompareConfig, base: Any, distilled: An
         ]
     else:  # a fixed-w student has one scale: the one it was trained at
         columns.append(
-            Column(
-                "distilled", f"distilled (fixed w={res.guidance_scale:g})", distilled, student_scale, student_counter
-            )
+            Column("distilled", f"distilled (fixed w={trained:g})", distilled, student_scale, student_counter)
         )
     return columns + nocfg
+
+
+def trained_scale(res: Resolved) -> float:
+    """The scale a fixed-w student was trained at (recorded by training), not the base's --guidance_scale."""
+    value = res.recorded.get("guidance_scale")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else res.guidance_scale
 
 
 def per_scale(
@@ -58,7 +64,7 @@ def per_scale(
         sections.append(
             {
                 "guidance_scale": g,
-                "student_rendered_at_this_scale": res.conditioned or g == res.guidance_scale,
+                "student_rendered_at_this_scale": res.conditioned or g == trained_scale(res),
                 "columns": keys,
                 "fidelity": fid,
                 "adherence": None if adherence is None else {name: adherence.get(key) for name, key in keys.items()},
