@@ -190,16 +190,19 @@ def _set_projection(unet: Any, weight: torch.Tensor) -> None:
 
 def _student_file(folder: str | Path, name: str) -> Path | None:
     """``folder/name`` when it exists: a local folder, else a hub repo id (downloaded, or from the cache)."""
+    text = str(folder)
     if Path(folder).is_dir():
         path = Path(folder) / name
         return path if path.is_file() else None
+    if Path(folder).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:  # not 'owner/name'
+        raise StudentFolderError(f"student folder not found: {text} (give a training folder or a hub repo id)")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(str(folder), name))
-    except EntryNotFoundError:  # the repo exists without this file: a fixed-w student's has none
-        return None
+        return Path(hf_hub_download(text, name))
+    except RemoteEntryNotFoundError:  # the hub says the repo has no such file: a fixed-w student has none
+        return None  # (offline and not cached raises: not knowing is not 'fixed-w')
 
 
 def _recorded_range(folder: str | Path) -> list[float] | None:

@@ -260,3 +260,33 @@ def test_a_unet_already_told_w_takes_no_student(tiny_model_dir: Path, tmp_path: 
     add_guidance_conditioning(pipe.unet, DIM)  # as an LCM UNet comes
     with pytest.raises(StudentFolderError, match="already takes timestep_cond"):
         load_student(pipe, tmp_path / "student")
+
+
+def test_a_student_folder_that_is_not_there_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.conditioning import StudentFolderError
+
+    with pytest.raises(StudentFolderError, match="student folder not found"):
+        load_student(_pipe(tiny_model_dir), tmp_path / "no-such-student")
+
+
+def test_a_hub_student_whose_projection_the_hub_lacks_is_fixed_w_and_an_unreachable_one_raises(monkeypatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    from sd_distill.conditioning import read_guidance_projection
+
+    def missing(repo: str, name: str) -> str:
+        from types import SimpleNamespace
+
+        response = SimpleNamespace(status_code=404, headers={}, request=None)  # what the error reads of a 404
+        raise RemoteEntryNotFoundError(f"{name} not in {repo}", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    assert read_guidance_projection("someone/fixed-w-student") is None
+
+    def offline(repo: str, name: str) -> str:
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(LocalEntryNotFoundError):  # not knowing is not 'a fixed-w student'
+        read_guidance_projection("someone/any-w-student")
