@@ -136,3 +136,21 @@ def test_the_saved_mean_gets_validation_images_of_its_own(tiny_model_dir: Path, 
     saved = np.asarray(pipe(prompt, guidance_scale=7.5, num_inference_steps=steps, generator=gen).images[0])
     assert np.abs(mean.astype(int) - saved.astype(int)).max() <= 1  # the saved student's image
     assert not np.array_equal(last, mean)  # not the last step's
+
+
+def test_a_window_of_one_step_is_not_rendered_twice(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data, out = write_image_folder(tmp_path / "data", n=4), tmp_path / "out"
+    render = (
+        "--validation_prompts",
+        "a red circle",
+        "--validation_steps",
+        "6",
+        "--num_validation_inference_steps",
+        "1",
+    )
+    run_training(_args(tiny_model_dir, data, out, *render, "--average_last_fraction", "0.1"))  # the window: step 6
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-6"]
+    assert (
+        "the averaging window (`--average_last_fraction 0.1`) held that one step only"
+        in (out / "README.md").read_text()
+    )

@@ -170,6 +170,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
 def _averaged(config: TrainConfig, steps: int) -> str:
     if not steps:
         return ""
+    if steps == 1:
+        return (
+            "The weights are the last training step's: the averaging window "
+            f"(`--average_last_fraction {config.average_last_fraction:g}`) held that one step only. "
+        )
     return (
         f"The weights are the mean of the weights after each of the last {steps} training steps "
         f"(`--average_last_fraction {config.average_last_fraction:g}`). "

@@ -362,12 +362,13 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def _final_validation(tr: Training, step: int) -> None:
     """The last step's images (unless the loop just rendered them) and, for an averaged run, those of
-    the student that is saved: the mean, swapped in for them."""
+    the student that is saved: the mean, swapped in for them (a window of one step: its images are the
+    last step's, not rendered twice)."""
     args = (tr.accelerator, tr.model, tr.separate_teacher, tr.components, tr.config, step, tr.weight_dtype)
     render = partial(run_validation, *args)
     if step % tr.config.validation_steps != 0:
         render()
-    if tr.average is not None and tr.average.count:
+    if tr.average is not None and tr.average.count > 1:  # the mean of one step is that step's weights
         with tr.average.in_model():
             render(name="mean")
 
