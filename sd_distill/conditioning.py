@@ -194,15 +194,21 @@ def _student_file(folder: str | Path, name: str) -> Path | None:
     if Path(folder).is_dir():
         path = Path(folder) / name
         return path if path.is_file() else None
-    if Path(folder).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:  # not 'owner/name'
+    if Path(folder).exists():
+        raise StudentFolderError(f"{text} is a file: give the student's folder (or a hub repo id)")
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):  # a student on the hub is 'owner/name'
         raise StudentFolderError(f"student folder not found: {text} (give a training folder or a hub repo id)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(text, name))
-    except RemoteEntryNotFoundError:  # the hub says the repo has no such file: a fixed-w student has none
-        return None  # (offline and not cached raises: not knowing is not 'fixed-w')
+    except LocalEntryNotFoundError:  # offline: the cache may have learnt that the repo has no such file
+        if try_to_load_from_cache(text, name) is _CACHED_NO_EXIST:
+            return None
+        raise
+    except EntryNotFoundError:  # the hub says the repo has no such file: a fixed-w student has none
+        return None
 
 
 def _recorded_range(folder: str | Path) -> list[float] | None:
@@ -287,8 +293,14 @@ def unload_student(pipe: Any) -> Any:
     loaded = getattr(unet, _LOADED, None)
     if loaded is None:
         raise StudentFolderError("this pipeline holds no student loaded by sd_distill.load_student")
-    if loaded["adapters"]:
-        pipe.delete_adapters(loaded["adapters"])
+    if set(loaded["adapters"]) & set(getattr(pipe, "fused_loras", ())):  # diffusers remembers, even once unloaded
+        raise StudentFolderError(
+            "the student's LoRA was fused into this pipeline's weights, so it cannot be taken out again: call "
+            "pipe.unfuse_lora() first if its LoRA layers are still there, else load the base pipeline anew"
+        )
+    present = [n for n in loaded["adapters"] if n in _adapter_names(pipe)]  # pipe.unload_lora_weights() took all
+    if present:
+        pipe.delete_adapters(present)
     if loaded["projection"]:
         _remove_projection(unet)
     delattr(unet, _LOADED)

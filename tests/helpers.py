@@ -117,6 +117,8 @@ def fake_checkpoint(folder: Path, step: int, config: dict[str, Any]) -> Path:
     (path / "training_state.json").write_text(json.dumps({"global_step": step, "num_processes": 1, "deepspeed": False}))
     (path / "sd_distill_config.json").write_text(json.dumps(config))
     save_file({"unet.a.lora_A.weight": torch.zeros(2, 2)}, str(path / "pytorch_lora_weights.safetensors"))
+    if config.get("guidance_scale_range") is not None:  # a student told w checkpoints its cond_proj
+        save_file({"time_embedding.cond_proj.weight": torch.zeros(8, 4)}, str(path / "guidance_cond_proj.safetensors"))
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         torch.save({"state": torch.zeros(64)}, path / name)
     return path

@@ -247,6 +247,25 @@ def test_every_numeric_flag_has_a_range(tmp_path: Path, data: Path, flags: list[
     assert any(words in e for e in errors), errors
 
 
+def test_range_only_checks_hold_for_a_fresh_run_not_a_resumed_one(tmp_path: Path, data: Path) -> None:
+    """A run that began before a check goes on as it began (resume compares its settings); 'latest'
+    with no checkpoint yet is a fresh run."""
+    from sd_distill.train.checks import config_errors
+    from sd_distill.train.config import parse_args
+
+    out = tmp_path / "out"
+    flags = ["--guidance_scale_range", "1.5", "4", "--resume_from_checkpoint", "latest"]
+    assert any(
+        "is outside --guidance_scale_range" in e
+        for e in config_errors(parse_args(train_args(tmp_path, data, out) + flags))
+    )
+    fake_checkpoint(out, 2, {"guidance_scale_range": [1.5, 4.0]})
+    about_guidance = [e for e in config_errors(parse_args(train_args(tmp_path, data, out) + flags)) if "guidance" in e]
+    assert about_guidance == []
+    sampling = ["--guidance_scale_sampling", "log", "--resume_from_checkpoint", "latest"]
+    assert not [e for e in config_errors(parse_args(train_args(tmp_path, data, out) + sampling)) if "guidance" in e]
+
+
 @pytest.mark.parametrize("flag", ["--average_last_fraction", "--lr_decay_fraction", "--guidance_scale"])
 def test_a_flag_that_is_not_a_number_is_said_once(tmp_path: Path, data: Path, flag: str) -> None:
     from sd_distill.train.checks import config_errors

@@ -290,3 +290,34 @@ def test_a_hub_student_whose_projection_the_hub_lacks_is_fixed_w_and_an_unreacha
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(LocalEntryNotFoundError):  # not knowing is not 'a fixed-w student'
         read_guidance_projection("someone/any-w-student")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: huggingface_hub._CACHED_NO_EXIST)
+    assert read_guidance_projection("someone/fixed-w-student") is None  # the cache learnt it has none
+
+
+def test_unload_student_after_unload_lora_weights_takes_cond_proj_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill import unload_student
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    pipe = _pipe(tiny_model_dir)
+    before = _base_output(pipe)
+    load_student(pipe, tmp_path / "student")
+    pipe.unload_lora_weights()  # diffusers' own: the LoRA goes, cond_proj stays
+    assert pipe.unet.config.time_cond_proj_dim == DIM
+    unload_student(pipe)
+    assert pipe.unet.config.time_cond_proj_dim is None
+    assert torch.allclose(_base_output(pipe), before, atol=1e-6)
+
+
+def test_a_fused_student_is_not_unloaded_into_a_wrong_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sd_distill import unload_student
+    from sd_distill.conditioning import StudentFolderError
+
+    _trained_student(tiny_model_dir, tmp_path / "student")
+    for unload_too in (False, True):
+        pipe = load_student(_pipe(tiny_model_dir), tmp_path / "student")
+        pipe.fuse_lora()
+        if unload_too:
+            pipe.unload_lora_weights()
+        with pytest.raises(StudentFolderError, match="was fused into this pipeline's weights"):
+            unload_student(pipe)
+        assert pipe.unet.config.time_cond_proj_dim == DIM  # left as it was: still the whole student

@@ -149,6 +149,8 @@ def test_a_range_checkpoint_without_its_guidance_projection_is_damaged(tmp_path:
     from sd_distill.train.integrity import checkpoint_damage
 
     path = fake_checkpoint(tmp_path / "out", 2, {"guidance_scale_range": [2.0, 8.0], "average_last_fraction": 0})
+    assert checkpoint_damage(path) == []
+    (path / GUIDANCE_PROJ_WEIGHTS_NAME).unlink()
     assert f"{GUIDANCE_PROJ_WEIGHTS_NAME} is missing" in checkpoint_damage(path)
     save_file({GUIDANCE_PROJ_KEY: torch.zeros(8, 4)}, str(path / GUIDANCE_PROJ_WEIGHTS_NAME))
     assert checkpoint_damage(path) == []

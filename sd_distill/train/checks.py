@@ -181,13 +181,14 @@ def _check_values(c: TrainConfig, need: Need) -> None:
         )
     # below 4 the embedding's frequencies divide by zero (dim // 2 - 1): every feature NaN
     need(c.guidance_embedding_dim >= 4, f"--guidance_embedding_dim {c.guidance_embedding_dim} must be at least 4.")
+    fresh = _starts_afresh(c)  # a run resumed goes on as it began (resume compares its settings instead)
     for flag, default in (("guidance_scale_sampling", "uniform"), ("guidance_embedding_dim", 256)):
         value = getattr(c, flag)
         need(
-            c.guidance_scale_range is not None or value == default,
+            not fresh or c.guidance_scale_range is not None or value == default,
             f"--{flag} {value} applies to a student told w; add --guidance_scale_range W_MIN W_MAX or drop it.",
         )
-    if c.guidance_scale_range is not None and c.resume_from_checkpoint is None:  # older runs resume as they were
+    if c.guidance_scale_range is not None and fresh:
         low, high = c.guidance_scale_range
         need(
             not low <= high or low <= c.guidance_scale <= high,
@@ -330,6 +331,14 @@ def _check_states(c: TrainConfig, need: Need) -> None:
             f"{flag} has no effect with --train_states {c.train_states} (no image is read and every stored "
             "target is its prompt's guided prediction); leave it out.",
         )
+
+
+def _starts_afresh(c: TrainConfig) -> bool:
+    """No checkpoint to resume: no --resume_from_checkpoint, or 'latest' with none in the output folder."""
+    if c.resume_from_checkpoint is None:
+        return True
+    out = Path(c.output_dir)
+    return c.resume_from_checkpoint == "latest" and not (out.is_dir() and any(out.glob("checkpoint-*")))
 
 
 def _told_guidance(unet_folder: Path) -> int | None:

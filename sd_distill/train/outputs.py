@@ -206,7 +206,7 @@ it at any `guidance_scale` with **one UNet pass per step** (it skips CFG for suc
 from diffusers import StableDiffusionPipeline
 from sd_distill import load_student  # adds cond_proj, then loads the LoRA with its alpha
 pipe = load_student(StableDiffusionPipeline.from_pretrained("{base}"), "{out}")
-image = pipe("a photo of a cat", guidance_scale=7.5).images[0]
+image = pipe("a photo of a cat", guidance_scale={config.guidance_scale:g}).images[0]
 ```
 
 With `--export_fused_pipeline DIR` the folder DIR is a full pipeline that stock diffusers loads alone

@@ -173,9 +173,7 @@ def export_errors(config: TrainConfig) -> list[str]:
     flag, target = "--export_fused_pipeline", Path(config.export_fused_pipeline)
     real = target.resolve()
     out = Path(config.output_dir)
-    # the folders the run fills as it goes: empty (so allowed) now, deleted with an export swapped in later
-    clashes = [("--output_dir", out.resolve()), ("--logging_dir", (out / config.logging_dir).resolve())]
-    clashes += [(f"--{n}", Path(v).resolve()) for n in ("cache_dir", "trajectory_dir") if (v := getattr(config, n))]
+    clashes = [("--output_dir", out.resolve())]
     if os.path.exists(config.pretrained_model_name_or_path):
         clashes.append(
             ("the base model --pretrained_model_name_or_path", Path(config.pretrained_model_name_or_path).resolve())
@@ -183,6 +181,14 @@ def export_errors(config: TrainConfig) -> list[str]:
     for what, other in clashes:
         if real == other or _relative_to(real, other) is not None or _relative_to(other, real) is not None:
             return [f"{flag} {str(target)!r} is {what} or inside/above it; export to a folder of its own."]
+    # the folders the run fills as it goes: empty (so allowed) now, deleted with an export swapped in later
+    filled = [("--logging_dir", (out / config.logging_dir).resolve())]
+    filled += [(f"--{n}", Path(v).resolve()) for n in ("cache_dir", "trajectory_dir") if (v := getattr(config, n))]
+    for what, other in filled:
+        if real == other or _relative_to(other, real) is not None:
+            return [
+                f"{flag} {str(target)!r} is {what} or above it, which the run fills; export to a folder of its own."
+            ]
     if target.exists() and not target.is_dir():
         return [f"{flag} {str(target)!r} is a file; give a folder."]
     if not target.exists():
@@ -216,7 +222,8 @@ def _added_to_export(folder: Path) -> list[str] | None:
         components = {k for k in json.loads(index.read_text(encoding="utf-8")) if not k.startswith("_")}
     except (OSError, ValueError, AttributeError):
         return None
-    return sorted(set(os.listdir(folder)) - components - {"model_index.json", CONFIG_FILE_NAME})
+    ours = components | {"model_index.json", CONFIG_FILE_NAME, ".DS_Store"}  # macOS' folder notes are no one's
+    return sorted(set(os.listdir(folder)) - ours)
 
 
 def later_outputs(out: Path, step: int) -> list[Path]:
