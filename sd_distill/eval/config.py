@@ -23,7 +23,9 @@ from ..constants import (
 )
 from ..options import build_parser as _build_parser
 from ..options import option
+from .errors import CompareError
 from .prompts import DEFAULT_PROMPTS, read_prompts_file
+from .student import check_student_scales, guidance_scales, is_conditioned
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,6 @@ SCHEDULERS = {
 SCHEDULER_PACKAGES = {"LMSDiscreteScheduler": "scipy"}
 TOY_ADHERENCE = "sd_distill.toy.checker:caption_adherence"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class CompareError(ValueError):
-    """A problem with the user's input; the CLI prints it as one line, without a traceback."""
 
 
 @dataclass
@@ -303,9 +301,9 @@ def resolve(config: CompareConfig) -> Resolved:
     same_base = base == recorded.get("pretrained_model_name_or_path")
     _check_numbers(config)
     guidance, guidance_source = _guidance(config, recorded, ft)
-    scales = _guidance_scales(config)
+    scales = guidance_scales(config)
     conditioned = is_conditioned(ft, kind)
-    _check_student_scales(config, recorded, conditioned, scales or [guidance])
+    check_student_scales(config, recorded, conditioned, scales or [guidance])
     prompts = _prompts(config)
     check_scheduler(config, base, recorded.get("revision") if same_base else None)
     _check_out_dir(config, prompts, column_keys(config, conditioned, scales), curve=scales is not None)
@@ -339,62 +337,6 @@ def column_keys(config: CompareConfig, conditioned: bool, scales: list[float] | 
         return ["base_cfg", "distilled", *tail]
     students = [scale_key("distilled", g) for g in scales] if conditioned else ["distilled"]
     return [scale_key("base_cfg", g) for g in scales] + students + tail
-
-
-def is_conditioned(ft: Path, kind: str) -> bool:
-    """A student told w: a LoRA folder with its guidance projection, or a fused UNet with time_cond_proj_dim."""
-    if kind == "lora":
-        from ..conditioning import StudentFolderError, read_guidance_projection
-
-        try:
-            return read_guidance_projection(ft) is not None
-        except StudentFolderError as exc:
-            raise CompareError(str(exc)) from None
-    unet_config = ft / "unet" / "config.json"
-    try:
-        return json.loads(unet_config.read_text()).get("time_cond_proj_dim") is not None
-    except (OSError, ValueError):
-        return False
-
-
-def _guidance_scales(config: CompareConfig) -> list[float] | None:
-    if config.guidance_scales is None:
-        return None
-    bad = [g for g in config.guidance_scales if not (math.isfinite(g) and g >= 1)]
-    if bad:
-        raise CompareError(f"--guidance_scales {' '.join(f'{g:g}' for g in bad)}: each scale must be a number >= 1")
-    unique = list(dict.fromkeys(config.guidance_scales))  # in the order given, each once
-    keys = [f"{g:g}" for g in unique]  # the report's and the images' names
-    same = sorted({k for k in keys if keys.count(k) > 1})
-    if same:
-        raise CompareError(
-            f"--guidance_scales: {', '.join(f'{g!r}' for g in unique if f'{g:g}' in same)} differ by less than the "
-            f"report names them ({', '.join(same)}); give scales that differ in their first 6 digits"
-        )
-    return unique
-
-
-def _check_student_scales(
-    config: CompareConfig, recorded: dict[str, Any], conditioned: bool, scales: list[float]
-) -> None:
-    """--ft_guidance_scale is a fixed-w student's; a w-conditioned one is told the scale(s) the base
-    runs, and one asked for a scale outside the range it learnt is said to extrapolate."""
-    if conditioned and config.ft_guidance_scale != 1.0:
-        raise CompareError(
-            f"--ft_guidance_scale {config.ft_guidance_scale:g} applies to a fixed-w student; this one is told w and "
-            "sampled at --guidance_scale (or each of --guidance_scales) in one pass: leave it out"
-        )
-    trained = recorded.get("guidance_scale_range")
-    if not conditioned or not (isinstance(trained, list) and len(trained) == 2 and all(map(_is_number, trained))):
-        return
-    outside = [g for g in scales if not trained[0] <= g <= trained[1]]
-    if outside:
-        logger.warning(
-            "guidance scale(s) %s lie outside the range the student was trained on (%g-%g): its images there "
-            "are an extrapolation",
-            " ".join(f"{g:g}" for g in outside),
-            *trained,
-        )
 
 
 def _check_out_dir(config: CompareConfig, prompts: list[str], keys: list[str], curve: bool) -> None:
