@@ -116,6 +116,34 @@ def test_mytrainbash_trains_from_a_prompts_file_at_a_range_of_scales(tiny_model_
     assert saved["lr_scheduler"] == "warmup_stable_decay"  # the CLI's default for a range, not the launcher's
 
 
+def test_mytrainbash_resolves_your_paths_where_you_run_it_and_takes_the_data_from_your_args(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    write_image_folder(tmp_path / "data", n=4)
+    env = {
+        **_env(),
+        "MODEL_NAME": str(tiny_model_dir),
+        "OUTPUT_DIR": "out",  # relative: to the folder it is run from, not the repository
+        "ACCELERATE_CONFIG": "accelerate_configs/cpu_demo.yaml",  # the repository's, found from anywhere
+        "RESOLUTION": "32",
+    }
+    argv = ["--train_data_dir", "data", "--max_train_steps", "1", "--report_to", "none", "--default_prompt", ""]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "mytrainbash.sh"), *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "sd_distill_config.json").read_text())
+    assert saved["train_data_dir"] == "data" and saved["dataset_name"] is None  # no hub default beside it
+    assert not (ROOT / "out").exists()
+
+
+def test_mytrainbash_refuses_two_data_sources_in_the_environment(tmp_path: Path) -> None:
+    env = {**_env(), "PROMPTS_FILE": "p.txt", "DATASET_NAME": "some/dataset", "ACCELERATE": "false"}
+    proc = subprocess.run(["bash", str(ROOT / "mytrainbash.sh")], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: PROMPTS_FILE and DATASET_NAME are both set")
+
+
 def test_deepspeed_json_config_with_auto_values_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The shipped ds json ("auto" batch size, accumulation, clipping, precision) on 2 CPU processes."""
     raw = yaml.safe_load((ROOT / "accelerate_configs" / "deepspeed_json.yaml").read_text())
