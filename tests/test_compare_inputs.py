@@ -178,3 +178,21 @@ def test_a_fixed_w_student_is_labelled_with_its_trained_scale(tiny_lora_dir: Pat
     folder = _lora_with(tmp_path, tiny_lora_dir, guidance_scale=4.0)
     res = resolve(_config(folder, tmp_path, guidance_scale=6.0, guidance_scales=[4.0, 6.0]))
     assert res.guidance_scale == 6.0 and trained_scale(res) == 4.0
+
+
+def test_an_out_dir_inside_the_student_folder_is_refused(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    folder = _lora_with(tmp_path, tiny_lora_dir)
+    for out in (folder, folder / "compare"):
+        config = CompareConfig(ft_model=str(folder), out_dir=str(out), prompts=["a cat"])
+        with pytest.raises(CompareError, match="is inside --ft_model"):
+            resolve(config)
+    assert not (folder / "compare").exists()
+
+
+def test_a_prompts_file_saved_with_a_bom_reads_its_first_line_as_written(tmp_path: Path) -> None:
+    from sd_distill.eval.prompts import read_prompts_file
+    from sd_distill.train.prompts import read_prompt_lines
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeff# a comment\na cat\n".encode())  # Windows Notepad's UTF-8
+    assert read_prompts_file(path) == ["a cat"] and read_prompt_lines(path) == ["a cat"]

@@ -342,6 +342,12 @@ def column_keys(config: CompareConfig, conditioned: bool, scales: list[float] | 
 def _check_out_dir(config: CompareConfig, prompts: list[str], keys: list[str], curve: bool) -> None:
     from .outdir import out_dir_error, planned_files  # outdir needs CompareError from here
 
+    out, ft = Path(config.out_dir).resolve(), Path(config.ft_model).resolve()
+    if out == ft or ft in out.parents:  # a training folder with foreign files is refused for resume
+        raise CompareError(
+            f"--out_dir {config.out_dir} is inside --ft_model {config.ft_model}: the comparison's files would "
+            "become part of that folder; give an --out_dir of its own"
+        )
     error = out_dir_error(Path(config.out_dir), planned_files(prompts, keys, curve))
     if error:
         raise CompareError(error)

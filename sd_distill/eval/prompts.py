@@ -25,7 +25,7 @@ MAX_SLUG_CHARS = 60
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of line 1
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 def read_prompt_lines(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of line 1
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"--prompts_file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8."
