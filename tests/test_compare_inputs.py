@@ -196,3 +196,21 @@ def test_a_prompts_file_saved_with_a_bom_reads_its_first_line_as_written(tmp_pat
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeff# a comment\na cat\n".encode())  # Windows Notepad's UTF-8
     assert read_prompts_file(path) == ["a cat"] and read_prompt_lines(path) == ["a cat"]
+
+
+def test_a_fused_unet_that_does_not_fit_the_base_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from sd_distill.eval.compare import run
+
+    fused = Path(shutil.copytree(tiny_model_dir, tmp_path / "fused"))
+    unet_config = fused / "unet" / "config.json"
+    saved = json.loads(unet_config.read_text())
+    unet_config.write_text(json.dumps({**saved, "sample_size": saved["sample_size"] * 2}))  # another native size
+    config = CompareConfig(
+        ft_model=str(fused), b_model=str(tiny_model_dir), out_dir=str(tmp_path / "o"), prompts=["a cat"],
+        num_inference_steps=1, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(CompareError, match=r"does not fit the base .*sample_size"):
+        run(config)
+    assert not (tmp_path / "o").exists()

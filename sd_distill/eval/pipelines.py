@@ -71,6 +71,7 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
             unet = UNet2DConditionModel.from_pretrained(res.ft_path, subfolder="unet", dtype=dtype)
         except (OSError, ValueError) as exc:
             raise CompareError(f"could not load the UNet of {res.ft_path}: {exc}") from None
+        _check_unet_fits(unet, base.unet, res)
     distilled = StableDiffusionPipeline(
         **{**base.components, "unet": unet, "scheduler": _scheduler_for(base, config.scheduler)}
     )
@@ -92,6 +93,22 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     base.to(device)
     distilled.to(device)
     return base, distilled
+
+
+def _check_unet_fits(unet: Any, base_unet: Any, res: Resolved) -> None:
+    """A fused export's UNet must take the base's latents and text embeddings at the base's size (else a
+    matrix-shape traceback mid-render, or a grid of two sizes)."""
+    keys = ("in_channels", "cross_attention_dim", "sample_size")
+    differ = [
+        f"{k} {unet.config.get(k)} vs {base_unet.config.get(k)}"
+        for k in keys
+        if unet.config.get(k) != base_unet.config.get(k)
+    ]
+    if differ:
+        raise CompareError(
+            f"the UNet of {res.ft_path} does not fit the base {res.base} ({', '.join(differ)}): pass the base it "
+            "was exported from with --b_model"
+        )
 
 
 # peft-format LoRA keys as training saves them: [unet.]<module>.lora_A.weight / lora_B.weight
