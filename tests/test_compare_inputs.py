@@ -214,3 +214,14 @@ def test_a_fused_unet_that_does_not_fit_the_base_is_one_clear_error(tiny_model_d
     with pytest.raises(CompareError, match=r"does not fit the base .*sample_size"):
         run(config)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recorded_relative_base_that_is_not_here_says_where_it_was_relative_to(
+    tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    from sd_distill.eval.compare import run
+
+    folder = _lora_with(tmp_path, tiny_lora_dir, pretrained_model_name_or_path="models/elsewhere")
+    with pytest.raises(CompareError, match="relative to where training ran; pass --b_model") as err:
+        run(_config(folder, tmp_path, num_inference_steps=1, device="cpu"))
+    assert "\n" not in str(err.value)

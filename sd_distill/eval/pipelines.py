@@ -53,7 +53,11 @@ def load_pipelines(res: Resolved, config: CompareConfig, device: Any) -> tuple[A
     try:
         base = StableDiffusionPipeline.from_pretrained(res.base, **kwargs)
     except (OSError, ValueError) as exc:
-        raise CompareError(f"could not load base model {res.base!r}: {exc}") from None
+        hint = ""
+        if res.base_source == "recorded" and not Path(res.base).is_absolute():
+            hint = " (recorded by training as given: a relative path is relative to where training ran; pass --b_model)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompareError(f"could not load base model {res.base!r}{hint}: {first[:300]}") from None
     base.set_progress_bar_config(disable=True)
     if base.unet.config.get("time_cond_proj_dim") is not None:  # stock diffusers would skip its CFG
         raise CompareError(
