@@ -4,6 +4,7 @@ outputs are complete and safe, 2 processes give the grid of 1, and the CLI fails
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -216,7 +217,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(*args: str) -> subprocess.CompletedProcess:
+def _two_processes(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The comparison CLI under ``accelerate launch`` with 2 processes on the CPU."""
     # `accelerate launch --cpu` spawns one process unless MPI is set up; --multi_gpu launches
     # 2 torchrun workers, and with no CUDA the loop's PartialState(cpu=True) uses gloo on the CPU.
@@ -239,7 +240,7 @@ def _two_processes(*args: str) -> subprocess.CompletedProcess:
     ]
     if not Path(cmd[0]).exists():
         cmd[0:1] = [sys.executable, "-m", "accelerate.commands.launch"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=300)
 
 
 def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_path: Path) -> None:
@@ -262,6 +263,16 @@ def test_two_processes_give_the_same_grid(main_run, tiny_lora_dir: Path, tmp_pat
     assert two["num_processes"] == 2
     assert two["images"] == report["images"]  # same names, same order
     assert np.abs(_img(tmp_path / "grid.png") - _img(out / "grid.png")).max() <= TOL
+
+
+def test_two_processes_stop_together_when_the_main_one_fails_to_write(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    """The main process writes alone; the other waits for its report, so it must learn of a failure too."""
+    (tmp_path / "broken_scorer.py").write_text("def score(images, prompts):\n    raise RuntimeError('scorer broke')\n")
+    env = {**_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    args = ["--ft_model", str(tiny_lora_dir), "--out_dir", str(tmp_path / "o"), "--num_inference_steps", "1"]
+    proc = _two_processes(*args, "--adherence_scorer", "broken_scorer:score", "--prompts", *PROMPTS[:2], env=env)
+    assert proc.returncode != 0 and "scorer broke" in proc.stderr
+    assert "the main process failed: RuntimeError: scorer broke" in proc.stderr  # the other rank says why
 
 
 def _cli(*args: str) -> subprocess.Popen:

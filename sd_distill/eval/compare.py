@@ -64,15 +64,27 @@ def run(config: CompareConfig) -> dict[str, Any]:
     if state.num_processes > 1:
         records = gather_object(records)
 
-    report: list[Any] = [None]
+    # (report, failure): every rank learns how the main process's writing went, so none waits forever
+    outcome: list[Any] = [None]
+    failed: Exception | None = None
     if state.is_main_process:
-        keys = column_keys(config, res.conditioned, res.guidance_scales)
-        claim(Path(config.out_dir), planned_files(res.prompts, keys, curve=res.guidance_scales is not None))
-        report[0] = _assemble(columns, records, res, config, device, state.num_processes, scorer)
-        logger.info("wrote %s", Path(config.out_dir) / "grid.png")
+        try:
+            keys = column_keys(config, res.conditioned, res.guidance_scales)
+            claim(Path(config.out_dir), planned_files(res.prompts, keys, curve=res.guidance_scales is not None))
+            outcome[0] = (_assemble(columns, records, res, config, device, state.num_processes, scorer), None)
+            logger.info("wrote %s", Path(config.out_dir) / "grid.png")
+        except Exception as exc:
+            failed = exc
+            outcome[0] = (None, (isinstance(exc, CompareError), f"{type(exc).__name__}: {exc}"))
     if state.num_processes > 1:
-        broadcast_object_list(report)
-    return report[0]
+        broadcast_object_list(outcome)
+    if failed is not None:
+        raise failed
+    report, failure = outcome[0]
+    if failure is not None:
+        user_error, message = failure
+        raise CompareError(message) if user_error else RuntimeError(f"the main process failed: {message}")
+    return report
 
 
 def _process_state(config: CompareConfig) -> tuple[Any, Any]:
