@@ -225,3 +225,23 @@ def test_a_recorded_relative_base_that_is_not_here_says_where_it_was_relative_to
     with pytest.raises(CompareError, match="relative to where training ran; pass --b_model") as err:
         run(_config(folder, tmp_path, num_inference_steps=1, device="cpu"))
     assert "\n" not in str(err.value)
+
+
+def test_a_rerun_with_fewer_prompts_leaves_only_its_own_images(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.eval.compare import run
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    two = CompareConfig(
+        ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=["a cat", "a dog"], num_inference_steps=1
+    )
+    run(two)
+    first = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    report = run(CompareConfig(**{**two.__dict__, "prompts": ["a cat"]}))
+    now = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert now < first and now == {"grid.png", *(f for e in report["images"] for f in e["files"].values())}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+    } - {"notes.txt", MANIFEST}

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig, CompareError, column_keys, parse_args, resolve
-from .outdir import claim, planned_files
+from .outdir import claim, planned_files, settle
 from .pipelines import load_pipelines
 from .render import Column, sample
 from .report import build_report, columns_report, save_images, write_report
@@ -70,9 +70,15 @@ def run(config: CompareConfig) -> dict[str, Any]:
     if state.is_main_process:
         try:
             keys = column_keys(config, res.conditioned, res.guidance_scales)
-            claim(Path(config.out_dir), planned_files(res.prompts, keys, curve=res.guidance_scales is not None))
+            planned = planned_files(res.prompts, keys, curve=res.guidance_scales is not None)
+            claim(Path(config.out_dir), planned)
             outcome[0] = (_assemble(columns, records, res, config, device, state.num_processes, scorer), None)
-            logger.info("wrote %s", Path(config.out_dir) / "grid.png")
+            stale = settle(Path(config.out_dir), planned)  # only now that the new files all exist
+            logger.info(
+                "wrote %s%s",
+                Path(config.out_dir) / "grid.png",
+                f" (removed {len(stale)} of an earlier run)" if stale else "",
+            )
         except Exception as exc:
             failed = exc
             outcome[0] = (None, (isinstance(exc, CompareError), f"{type(exc).__name__}: {exc}"))

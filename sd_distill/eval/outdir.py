@@ -90,6 +90,20 @@ def claim(out: Path, planned: list[str]) -> None:
     write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
 
 
+def settle(out: Path, planned: list[str]) -> list[str]:
+    """Once this run's files are all written: remove what an earlier comparison here wrote and this one
+    did not (images of prompts or scales no longer asked for), so the folder shows one run; returns them."""
+    stale = sorted(owned_files(out) - set(planned) - {MANIFEST})
+    for name in stale:
+        path = out / name
+        if path.is_file():
+            path.unlink()
+            if path.parent != out and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # a column folder left empty
+    write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": sorted(planned)}, indent=1)))
+    return stale
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` next to ``path``, then rename: an old file is replaced only by a complete new one.
     A full disk is one CompareError naming the file and the free space."""
