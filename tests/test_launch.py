@@ -71,3 +71,13 @@ def test_validation_moves_the_encoders_only_when_they_were_parked(parked: bool) 
     with encoders_on(components, torch.device("cuda")):
         assert moves == (["cuda", "cuda"] if parked else [])
     assert moves == (["cuda", "cuda", "cpu", "cpu"] if parked else [])
+
+
+def test_more_processes_on_a_machine_than_gpus_is_said_before_the_accelerator() -> None:
+    from sd_distill.train.distributed import gpu_count_error
+
+    assert "starts 4 processes on this machine, which has 2 GPU(s)" in gpu_count_error({"LOCAL_WORLD_SIZE": "4"}, 2)
+    assert gpu_count_error({"LOCAL_WORLD_SIZE": "2"}, 2) is None
+    assert gpu_count_error({"LOCAL_WORLD_SIZE": "2"}, 0) is None  # a CPU machine: gloo, no device per rank
+    assert gpu_count_error({"LOCAL_WORLD_SIZE": "4", "ACCELERATE_USE_CPU": "true"}, 2) is None
+    assert gpu_count_error({}, 1) is None  # a plain python run

@@ -15,6 +15,7 @@ from .collective import first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .distributed import (
     accelerator_errors,
+    gpu_count_error,
     is_deepspeed,
     make_accelerator,
     setup_logging,
@@ -41,6 +42,9 @@ def preflight(config: TrainConfig) -> Preflight:
     errors = config_errors(config)
     config, launch_errors = resolve_launch(config)
     errors += launch_errors
+    too_many = gpu_count_error()
+    if too_many is not None:  # the accelerator itself would fail on the extra ranks
+        raise_if_any([*errors, too_many])
     try:
         accelerator = make_accelerator(config)
     except ValueError:
