@@ -6,6 +6,7 @@ import atexit
 import faulthandler
 import os
 import sys
+from collections.abc import Mapping
 
 
 def launched_with_peers() -> bool:
@@ -53,3 +54,22 @@ def exit_process(code: int) -> None:
         except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
             pass
     os._exit(code)
+
+
+def gpu_count_error(environ: Mapping[str, str] = os.environ, gpus: int | None = None) -> str | None:
+    """More processes on this machine than it has GPUs (a yaml's ``num_processes: 4`` on a 2-GPU box):
+    said by every rank before the accelerator is made, where the extra ranks would fail on a CUDA
+    'invalid device ordinal' traceback."""
+    if environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        return None
+    if gpus is None:
+        import torch  # here only: this module stays light
+
+        gpus = torch.cuda.device_count()
+    local = int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if gpus == 0 or local <= gpus:
+        return None
+    return (
+        f"the launch starts {local} processes on this machine, which has {gpus} GPU(s): set num_processes in the "
+        f"accelerate config (or accelerate launch --num_processes) to {gpus} per machine."
+    )

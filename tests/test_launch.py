@@ -74,7 +74,7 @@ def test_validation_moves_the_encoders_only_when_they_were_parked(parked: bool) 
 
 
 def test_more_processes_on_a_machine_than_gpus_is_said_before_the_accelerator() -> None:
-    from sd_distill.train.distributed import gpu_count_error
+    from sd_distill.processes import gpu_count_error
 
     assert "starts 4 processes on this machine, which has 2 GPU(s)" in gpu_count_error({"LOCAL_WORLD_SIZE": "4"}, 2)
     assert gpu_count_error({"LOCAL_WORLD_SIZE": "2"}, 2) is None

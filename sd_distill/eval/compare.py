@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..processes import gpu_count_error
 from .config import CompareConfig, CompareError, column_keys, parse_args, resolve
 from .outdir import claim, planned_files, settle
 from .pipelines import load_pipelines
@@ -99,6 +100,9 @@ def _process_state(config: CompareConfig) -> tuple[Any, Any]:
     from accelerate import PartialState
 
     wants_cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
+    too_many = None if wants_cpu else gpu_count_error()
+    if too_many is not None:  # the extra ranks would fail on an 'invalid device ordinal' traceback
+        raise CompareError(too_many)
     state = PartialState(cpu=wants_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
     device = torch.device(config.device) if config.device else state.device
     if state.num_processes > 1 and device.type == "cuda" and device.index is None:

@@ -43,22 +43,6 @@ def make_accelerator(config: TrainConfig) -> Any:
     )
 
 
-def gpu_count_error(environ: Any = os.environ, gpus: int | None = None) -> str | None:
-    """More processes on this machine than it has GPUs (a yaml's ``num_processes: 4`` on a 2-GPU box):
-    said by every rank before the accelerator is made, where the extra ranks would fail on a CUDA
-    'invalid device ordinal' traceback."""
-    if environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
-        return None
-    gpus = torch.cuda.device_count() if gpus is None else gpus
-    local = int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if gpus == 0 or local <= gpus:
-        return None
-    return (
-        f"the launch starts {local} processes on this machine, which has {gpus} GPU(s): set num_processes in the "
-        f"accelerate config (or accelerate launch --num_processes) to {gpus} per machine."
-    )
-
-
 def is_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..processes import gpu_count_error
 from .averaging import averaging_errors
 from .checks import config_errors, raise_if_any
 from .collective import first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .distributed import (
     accelerator_errors,
-    gpu_count_error,
     is_deepspeed,
     make_accelerator,
     setup_logging,
