@@ -37,8 +37,9 @@ def _compare(argv: list[str] | None) -> int:
     if main_rank:
         print(f"grid: {os.path.join(config.out_dir, report['grid'])}")
         for c in report["columns"]:
+            title = f"{c['title']} (w={c['guidance_scale']:g})"
             print(
-                f"{c['title']:>15}: {c['seconds_per_image_median']:.4f} s/image, "
+                f"{title:>28}: {c['seconds_per_image_median']:.4f} s/image, "
                 f"{c['unet_evals_per_image']:g} UNet evals/image"
             )
         print(f"speed ratio (base / distilled time): {report['speed_ratio_distilled_over_base']:.2f}x")

@@ -159,6 +159,7 @@ def _scales_report(
     clip_value, clip_reason = clip_score(images[first["distilled"]], res.prompts, config.clip_model)
     scores = {
         "fidelity": sections[0]["fidelity"],
+        "fidelity_guidance_scale": sections[0]["guidance_scale"],  # the first scale's (each is in per_scale)
         "adherence": adherence,
         "clip_score": {"value": clip_value, "reason": clip_reason},
     }

@@ -113,6 +113,7 @@ def build_report(
         "speed_ratio_distilled_over_base": secs[base_key] / secs[student_key],
         "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
         "fidelity": scores["fidelity"],
+        "fidelity_guidance_scale": scores.get("fidelity_guidance_scale", res.guidance_scale),
         "clip_score": scores["clip_score"],
         "adherence": scores["adherence"],
         "grid": "grid.png",
@@ -150,7 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Memory: {report['columns'][0]['memory_kind']}.",
         "",
-        "## Fidelity of distilled to base with CFG",
+        f"## Fidelity of distilled to base with CFG at g = {report['fidelity_guidance_scale']:g}",
         "",
     ]
     for name, f in report["fidelity"].items():
