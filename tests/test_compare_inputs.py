@@ -38,6 +38,7 @@ def _lora_with(tmp_path: Path, lora: Path, **recorded: object) -> Path:
         ({"ft_guidance_scale": float("nan")}, "--ft_guidance_scale nan"),
         ({"scheduler": "pndm", "num_inference_steps": 3}, "PNDM without skip_prk_steps needs"),
         ({"num_inference_steps": 0}, "--num_inference_steps must be >= 1"),
+        ({"num_inference_steps": 1001}, "--num_inference_steps 1001 is more than the 1000 timesteps"),
     ],
 )
 def test_bad_flags_are_refused_before_loading(tiny_lora_dir: Path, tmp_path: Path, kw: dict, words: str) -> None:

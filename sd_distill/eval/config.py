@@ -369,6 +369,12 @@ def check_scheduler(config: CompareConfig, base: str, revision: str | None) -> N
             f"PNDM without skip_prk_steps needs --num_inference_steps of at least 4, got "
             f"{config.num_inference_steps}; pass more steps or another --scheduler"
         )
+    trained = own.get("num_train_timesteps", 1000)  # diffusers' samplers refuse more steps than that
+    if isinstance(trained, int) and config.num_inference_steps > trained:
+        raise CompareError(
+            f"--num_inference_steps {config.num_inference_steps} is more than the {trained} timesteps the base was "
+            f"trained with; pass at most {trained}"
+        )
 
 
 def _scheduler_config(base: str, revision: str | None) -> dict[str, Any]:
