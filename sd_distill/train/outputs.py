@@ -113,7 +113,8 @@ def export_fused_pipeline(
         # checked at start-up too; this run has trained since, and the folder is the user's now
         raise OutputWriteError(
             f"--export_fused_pipeline {str(final)!r} now holds files that are not an earlier export, so it was "
-            f"left as it is; the student is saved in {lora_dir}: export it again with a new folder"
+            f"left as it is; the student is saved in {lora_dir} (sd_distill.load_student, then pipe.fuse_lora() and "
+            "pipe.save_pretrained(NEW) export it)"
         )
     remove_quietly(tmp)
     try:
