@@ -269,12 +269,8 @@ def _check_sources(c: TrainConfig, need: Need) -> None:
             f"--pretrained_model_name_or_path {str(model)!r} is not a diffusers pipeline folder "
             "(no model_index.json); save one with pipeline.save_pretrained().",
         )
-        need(
-            _told_guidance(model / "unet") is None,
-            f"--pretrained_model_name_or_path {str(model)!r} has a UNet already told the guidance scale "
-            f"(time_cond_proj_dim={_told_guidance(model / 'unet')}: an LCM or a fused sd-distill export), which "
-            "stock diffusers samples without CFG, so it cannot be the teacher; give the plain base model.",
-        )
+        told = _told_guidance(model / "unet")
+        need(told is None, told_guidance_error(str(model), told))
     if c.resume_from_checkpoint not in (None, "latest"):
         need(
             Path(c.resume_from_checkpoint).is_dir(),
@@ -339,6 +335,15 @@ def _starts_afresh(c: TrainConfig) -> bool:
         return True
     out = Path(c.output_dir)
     return c.resume_from_checkpoint == "latest" and not (out.is_dir() and any(out.glob("checkpoint-*")))
+
+
+def told_guidance_error(model: str, dim: object) -> str:
+    """A teacher whose UNet already has ``time_cond_proj_dim`` (checked from its folder, or once a hub one loads)."""
+    return (
+        f"--pretrained_model_name_or_path {model!r} has a UNet already told the guidance scale (time_cond_proj_dim="
+        f"{dim}: an LCM or a fused sd-distill export), which stock diffusers samples without CFG, so it cannot be the "
+        "teacher; give the plain base model."
+    )
 
 
 def _told_guidance(unet_folder: Path) -> int | None:

@@ -24,7 +24,7 @@ from ..lora import TIME_EMBEDDING_TARGET_MODULES, adapter_disabled, attach_lora,
 from ..models import Components, encode_prompts, load_components, load_frozen_unet, place, weight_dtype_for
 from .averaging import WeightAverage, averaging_start
 from .checkpoint import read_step
-from .checks import decay_fit_error, raise_if_any
+from .checks import decay_fit_error, raise_if_any, told_guidance_error
 from .collective import main_process_writes
 from .config import INVERSE_SQUARE, SMOOTH_FEATURES, TrainConfig, resolve_auto_cache
 from .data import TrainData
@@ -265,12 +265,8 @@ def _setup_models(
     """The frozen components in place, the student's LoRA attached (fp32), the separate teacher if any."""
     components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant, vae)
     raise_if_any(lora_target_errors(components.unet, config.lora_target_modules))  # before peft's own error
-    told = components.unet.config.get("time_cond_proj_dim")
-    raise_if_any(  # a hub model (a local one is refused before anything loads)
-        [f"{config.pretrained_model_name_or_path} has a UNet already told the guidance scale (time_cond_proj_dim="
-         f"{told}), which stock diffusers samples without CFG, so it cannot be the teacher; give the plain base model."]
-        if told is not None else []
-    )  # fmt: skip
+    told = components.unet.config.get("time_cond_proj_dim")  # a hub model's (a local one is refused in preflight)
+    raise_if_any([told_guidance_error(config.pretrained_model_name_or_path, told)] if told is not None else [])
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     place(components.vae, accelerator.device, weight_dtype)
