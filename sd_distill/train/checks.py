@@ -333,8 +333,9 @@ def _starts_afresh(c: TrainConfig) -> bool:
     """No checkpoint to resume: no --resume_from_checkpoint, or 'latest' with none in the output folder."""
     if c.resume_from_checkpoint is None:
         return True
-    out = Path(c.output_dir)
-    return c.resume_from_checkpoint == "latest" and not (out.is_dir() and any(out.glob("checkpoint-*")))
+    from .checkpoint import list_checkpoints  # what --resume_from_checkpoint latest picks from
+
+    return c.resume_from_checkpoint == "latest" and not list_checkpoints(c.output_dir)
 
 
 def told_guidance_error(model: str, dim: object) -> str:
