@@ -87,6 +87,13 @@ fi
 
 mkdir -p "$OUTPUT_DIR"
 echo "distilling $MODEL_NAME (w=${GUIDANCE_SCALE_RANGE:-$GUIDANCE_SCALE}, states: $TRAIN_STATES) into a LoRA in $OUTPUT_DIR"
+# with no ACCELERATE_CONFIG, accelerate reads its own default config if one exists (say which: it may be stale)
+default_config="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/accelerate/default_config.yaml"
+if [ -z "$ACCELERATE_CONFIG" ] && [ -f "$default_config" ]; then
+  echo "accelerate config: $default_config (accelerate's default; set ACCELERATE_CONFIG to choose one)"
+elif [ -z "$ACCELERATE_CONFIG" ]; then
+  echo "accelerate config: none (accelerate's defaults: every GPU, no mixed precision); set ACCELERATE_CONFIG"
+fi
 
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash before 4.4 (macOS ships 3.2)
 exec "$ACCELERATE" launch ${config_args[@]+"${config_args[@]}"} "$HERE/train_sd_distil_lora.py" \
