@@ -93,13 +93,12 @@ def claim(out: Path, planned: list[str]) -> None:
 def settle(out: Path, planned: list[str]) -> list[str]:
     """Once this run's files are all written: remove what an earlier comparison here wrote and this one
     did not (images of prompts or scales no longer asked for), so the folder shows one run; returns them."""
-    stale = sorted(owned_files(out) - set(planned) - {MANIFEST})
+    stale = sorted(f for f in owned_files(out) - set(planned) - {MANIFEST} if (out / f).is_file())
     for name in stale:
         path = out / name
-        if path.is_file():
-            path.unlink()
-            if path.parent != out and not any(path.parent.iterdir()):
-                path.parent.rmdir()  # a column folder left empty
+        path.unlink()
+        if path.parent != out and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # a column folder left empty
     write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": sorted(planned)}, indent=1)))
     return stale
 
