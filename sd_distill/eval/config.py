@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -25,9 +24,7 @@ from ..options import build_parser as _build_parser
 from ..options import option
 from .errors import CompareError
 from .prompts import DEFAULT_PROMPTS, read_prompts_file
-from .student import check_student_scales, guidance_scales, is_conditioned
-
-logger = logging.getLogger(__name__)
+from .student import check_student_scales, guidance_scales, is_conditioned, is_number
 
 # --scheduler names -> diffusers classes (imported lazily, after validation).
 SCHEDULERS = {
@@ -189,16 +186,12 @@ def _guidance(config: CompareConfig, recorded: dict[str, Any], ft: Path) -> tupl
     value = recorded.get("guidance_scale")
     if value is None:
         return DEFAULT_GUIDANCE_SCALE, "default"
-    if not _is_number(value) or not math.isfinite(value) or value < 1:
+    if not is_number(value) or not math.isfinite(value) or value < 1:
         raise CompareError(
             f"{ft / CONFIG_FILE_NAME} records guidance_scale {value!r}, not a number of at least 1; "
             "pass --guidance_scale"
         )
     return float(value), "recorded"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_recorded(recorded: dict[str, Any], ft: Path) -> None:

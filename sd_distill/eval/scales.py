@@ -13,6 +13,7 @@ from .metrics import fidelity
 from .outdir import CURVE_FILE, write_atomic
 from .pipelines import UNetCounter
 from .render import Column
+from .student import is_number
 
 
 def build_columns(res: Resolved, config: CompareConfig, base: Any, distilled: Any) -> list[Column]:
@@ -43,8 +44,7 @@ def build_columns(res: Resolved, config: CompareConfig, base: Any, distilled: An
 def trained_scale(res: Resolved) -> float:
     """The scale a fixed-w student was trained at (recorded by training), not the base's --guidance_scale."""
     value = res.recorded.get("guidance_scale")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok else res.guidance_scale
+    return float(value) if is_number(value) else res.guidance_scale
 
 
 def per_scale(

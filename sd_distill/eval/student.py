@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number as a recorded config holds it (``True`` is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_conditioned(ft: Path, kind: str) -> bool:
     """A student told w: a LoRA folder with its guidance projection, or a fused UNet with time_cond_proj_dim."""
     if kind == "lora":
@@ -62,7 +67,7 @@ def check_student_scales(
             "sampled at --guidance_scale (or each of --guidance_scales) in one pass: leave it out"
         )
     trained = recorded.get("guidance_scale_range")
-    numbers = isinstance(trained, list) and all(type(v) in (int, float) for v in trained)  # not bool
+    numbers = isinstance(trained, list) and all(map(is_number, trained))
     if not conditioned or not numbers or len(trained) != 2:
         return
     outside = [g for g in scales if not trained[0] <= g <= trained[1]]
