@@ -75,9 +75,12 @@ def sample(
 
     records: list[dict[str, Any]] = []
     peak_mb = {c.key: 0.0 for c in columns}  # per column, over this process's batches
-    if indices:  # one uncounted warm-up image per column (allocations, kernel selection, caches)
+    # One uncounted warm-up call per column at the first batch's size: allocations, kernel selection and
+    # caches are per shape, so a warm-up at batch 1 left the first batch of --batch_size N paying them.
+    warm_up = [prompts[i] for i in indices[: config.batch_size]]
+    if warm_up:
         for c in columns:
-            render(c, [prompts[indices[0]]], config, device)
+            render(c, warm_up, config, device)
     bar = tqdm(total=len(indices), desc="prompts", unit="prompt", disable=not show_progress)
     for start in range(0, len(indices), config.batch_size):
         batch = indices[start : start + config.batch_size]
