@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_GUIDANCE_SCALE = 7.5
 
@@ -23,3 +25,6 @@ DATA_SUFFIXES = tuple(DATA_BUILDERS)
 
 # Precision names of the comparison loop's --dtype.
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
+
+# A hub repo id, 'owner/name' (what is neither a local folder nor this is a path that is not there).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

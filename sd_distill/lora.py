@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,33 @@ def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA weights in {folder} do not fit this UNet: {unexpected[:3]} …")
+
+
+# peft-format LoRA keys as training saves them: [unet.]<module>.lora_A.weight / lora_B.weight
+_LORA_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+
+
+def lora_mismatch(unet: Any, lora_file: Path) -> str | None:
+    """Why the LoRA in ``lora_file`` does not fit ``unet`` (its first misfit layer), ``None`` when it fits.
+    Read from the file's header, before diffusers tries to load it and logs one line per layer."""
+    from safetensors import safe_open
+
+    shapes = {name: tuple(p.shape) for name, p in unet.named_parameters()}
+    with safe_open(str(lora_file), "pt") as f:
+        for key in sorted(f.keys()):
+            m = _LORA_KEY.match(key)
+            if m is None:  # another LoRA key format: leave it to diffusers
+                continue
+            module, side = m.group("module"), m.group("side")
+            base = shapes.get(f"{module}.weight") or shapes.get(f"{module}.base_layer.weight")
+            if base is None:
+                return f"its layer {module} is not in this base"
+            got = tuple(f.get_slice(key).get_shape())
+            dim, what = (1, "input") if side == "A" else (0, "output")  # A: [r, in, ...], B: [out, r, ...]
+            if len(got) < 2 or got[dim] != base[dim]:
+                size = got[dim] if len(got) > dim else "?"
+                return (
+                    f"its layers have other shapes: first mismatch {module}, {what} size {size} in the LoRA, "
+                    f"{base[dim]} in the base"
+                )
+    return None

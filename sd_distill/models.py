@@ -35,6 +35,11 @@ def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """A --dtype name (fp16 / bf16 / fp32) as the torch dtype."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move ``module``; cast only when its dtype differs (diffusers warns on needless casts)."""
     module.to(device)

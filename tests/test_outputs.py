@@ -156,7 +156,7 @@ def test_an_earlier_export_the_user_added_to_is_not_replaced(
 ) -> None:
     from sd_distill.files import OutputWriteError
     from sd_distill.train.config import TrainConfig
-    from sd_distill.train.outputs import export_fused_pipeline
+    from sd_distill.train.export import export_fused_pipeline
     from sd_distill.train.ownership import export_errors, is_fused_export
 
     target = tmp_path / "fused"
@@ -168,7 +168,7 @@ def test_an_earlier_export_the_user_added_to_is_not_replaced(
     config = TrainConfig(output_dir=str(tmp_path / "out"), export_fused_pipeline=str(target))
     assert "is an earlier export with .git added since" in export_errors(config)[0]
     # and one that became the user's while the run trained is left alone at export time
-    with pytest.raises(OutputWriteError, match="left as it is; the student is saved in"):
+    with pytest.raises(OutputWriteError, match="left as it is; the student is in"):
         export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
     assert (target / ".git" / "HEAD").is_file()
 
@@ -176,7 +176,7 @@ def test_an_earlier_export_the_user_added_to_is_not_replaced(
 def test_an_export_killed_between_its_renames_gets_its_earlier_export_back(
     tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path
 ) -> None:
-    from sd_distill.train.outputs import export_fused_pipeline
+    from sd_distill.train.export import export_fused_pipeline
 
     target = tmp_path / "fused"
     export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
@@ -316,7 +316,7 @@ def test_a_full_disk_during_the_fused_export_keeps_an_earlier_export(
     from diffusers import StableDiffusionPipeline
 
     from sd_distill.files import OutputWriteError
-    from sd_distill.train.outputs import export_fused_pipeline
+    from sd_distill.train.export import export_fused_pipeline
 
     target = tmp_path / "fused"
     killed = tmp_path / ".fused.tmp-999999999"  # a half export of a process that was killed

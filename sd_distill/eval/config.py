@@ -7,7 +7,6 @@ import argparse
 import importlib.util
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..constants import (
     DEFAULT_BASE_MODEL,
     DEFAULT_GUIDANCE_SCALE,
     DTYPE_NAMES,
+    HUB_ID,
     LORA_WEIGHTS_NAME,
 )
 from ..options import build_parser as _build_parser
@@ -41,7 +41,6 @@ SCHEDULERS = {
 # Schedulers that need a package beyond diffusers' own requirements (diffusers raises only when sampling).
 SCHEDULER_PACKAGES = {"LMSDiscreteScheduler": "scipy"}
 TOY_ADHERENCE = "sd_distill.toy.checker:caption_adherence"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -162,7 +161,7 @@ def _check_base(base: str) -> None:
     if Path(base).exists():
         if not (Path(base) / "model_index.json").is_file():
             raise CompareError(f"base model folder {base} has no model_index.json (not a diffusers pipeline)")
-    elif not _HUB_ID.match(base) or base.startswith("."):
+    elif not HUB_ID.match(base) or base.startswith("."):
         raise CompareError(f"base model folder not found: {base}")
 
 

@@ -4,12 +4,13 @@ text encoder and tokenizer (with its own UNet copy: the LoRA fused in, or a fuse
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
 from ..conditioning import StudentFolderError, load_guidance_projection
 from ..constants import LORA_WEIGHTS_NAME
+from ..lora import lora_mismatch
+from ..models import torch_dtype
 from .config import SCHEDULERS, CompareConfig, CompareError, Resolved
 
 
@@ -24,12 +25,6 @@ class UNetCounter:
     def _hook(self, _module: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         self.rows += int(sample.shape[0])
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def _scheduler_for(pipe: Any, name: str | None) -> Any:
@@ -113,36 +108,6 @@ def _check_unet_fits(unet: Any, base_unet: Any, res: Resolved) -> None:
             f"the UNet of {res.ft_path} does not fit the base {res.base} ({', '.join(differ)}): pass the base it "
             "was exported from with --b_model"
         )
-
-
-# peft-format LoRA keys as training saves them: [unet.]<module>.lora_A.weight / lora_B.weight
-_LORA_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
-
-
-def lora_mismatch(unet: Any, lora_file: Path) -> str | None:
-    """Why the LoRA in ``lora_file`` does not fit ``unet`` (its first misfit layer), ``None`` when it fits.
-    Read from the file's header, before diffusers tries to load it and logs one line per layer."""
-    from safetensors import safe_open
-
-    shapes = {name: tuple(p.shape) for name, p in unet.named_parameters()}
-    with safe_open(str(lora_file), "pt") as f:
-        for key in sorted(f.keys()):
-            m = _LORA_KEY.match(key)
-            if m is None:  # another LoRA key format: leave it to diffusers
-                continue
-            module, side = m.group("module"), m.group("side")
-            base = shapes.get(f"{module}.weight") or shapes.get(f"{module}.base_layer.weight")
-            if base is None:
-                return f"its layer {module} is not in this base"
-            got = tuple(f.get_slice(key).get_shape())
-            dim, what = (1, "input") if side == "A" else (0, "output")  # A: [r, in, ...], B: [out, r, ...]
-            if len(got) < 2 or got[dim] != base[dim]:
-                size = got[dim] if len(got) > dim else "?"
-                return (
-                    f"its layers have other shapes: first mismatch {module}, {what} size {size} in the LoRA, "
-                    f"{base[dim]} in the base"
-                )
-    return None
 
 
 def _check_lora_fits(unet: Any, res: Resolved) -> None:

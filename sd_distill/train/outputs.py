@@ -6,14 +6,12 @@ write into at all is :mod:`.ownership`'s question."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..conditioning import StudentWeights, load_student, save_student, student_weights
+from ..conditioning import StudentWeights, save_student, student_weights
 from ..constants import (
     CONFIG_FILE_NAME,
     GUIDANCE_PROJ_WEIGHTS_NAME,
@@ -22,15 +20,7 @@ from ..constants import (
     SUMMARY_FILE_NAME,
 )
 from ..files import (
-    OutputWriteError,
-    as_write_error,
-    folder_size,
-    fsync_dir,
-    is_alive,
-    remove_quietly,
-    remove_stale_temps,
     strict_json,
-    temp_sibling,
     write_atomically,
 )
 from ..lora import adapter_metadata
@@ -38,7 +28,7 @@ from .averaging import WeightAverage
 from .checkpoint import deepspeed_engine
 from .collective import main_process_writes
 from .config import TrainConfig
-from .ownership import is_fused_export
+from .export import export_fused_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -88,84 +78,6 @@ def _write_final(weights: StudentWeights, model: Any, config: TrainConfig, avera
 def write_summary(config: TrainConfig, stats: Any) -> None:
     """``train_summary.json``, strict JSON (a loss that was never measured is ``null``, not ``NaN``)."""
     write_atomically(Path(config.output_dir) / SUMMARY_FILE_NAME, strict_json(asdict(stats), indent=2))
-
-
-def export_fused_pipeline(
-    base: str, lora_dir: Path, target: str, revision: str | None = None, variant: str | None = None
-) -> Path:
-    """Write a full pipeline with the LoRA fused into the UNet (one folder, no peft needed). It is
-    written beside ``target`` and renamed when complete; an earlier export there is replaced only
-    then, and a failed write (disk full) leaves it as it was."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
-    )
-    load_student(pipe, lora_dir)  # cond_proj of a w-conditioned student; the LoRA with its alpha / r
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    final = Path(target)
-    tmp = temp_sibling(final)
-    if final.parent.is_dir():
-        _recover_swap(final)  # an export killed between its two renames
-        remove_stale_temps(final.parent, final.name)  # an export killed half-way
-    if final.exists() and not (final.is_dir() and (not os.listdir(final) or is_fused_export(final))):
-        # checked at start-up too; this run has trained since, and the folder is the user's now
-        raise OutputWriteError(
-            f"--export_fused_pipeline {str(final)!r} now holds files that are not an earlier export, so it was "
-            f"left as it is; the student is saved in {lora_dir} (sd_distill.load_student, then pipe.fuse_lora() and "
-            "pipe.save_pretrained(NEW) export it)"
-        )
-    remove_quietly(tmp)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.copy(lora_dir / CONFIG_FILE_NAME, tmp / CONFIG_FILE_NAME)
-        _swap_in(tmp, final)
-    except Exception as err:
-        remove_quietly(tmp)
-        needed = sum(p.numel() * p.element_size() for c in pipe.components.values() for p in _params(c))
-        failed = as_write_error(err, final, needed)
-        if failed is None:
-            raise
-        raise failed from None
-    logger.info("exported the fused pipeline to %s (%.0f MB)", final, folder_size(final) / 2**20)
-    return final
-
-
-def _params(component: Any) -> list[Any]:
-    return list(component.parameters()) if hasattr(component, "parameters") else []
-
-
-def _old_sibling(final: Path, pid: int) -> Path:
-    return final.with_name(f".{final.name}.old-{pid}")
-
-
-def _recover_swap(final: Path) -> None:
-    """The earlier export a killed :func:`_swap_in` had moved aside: back in place if nothing took it,
-    else removed (the new one did)."""
-    for old in final.parent.glob(f".{final.name}.old-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or is_alive(int(pid)):
-            continue
-        if final.exists():
-            remove_quietly(old)
-        else:
-            os.replace(old, final)
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the complete ``tmp`` to ``final``; an earlier export there goes only once that worked."""
-    old = _old_sibling(final, os.getpid())
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if old.exists():
-            os.replace(old, final)
-        raise
-    fsync_dir(final.parent)
-    remove_quietly(old)
 
 
 def _averaged(config: TrainConfig, steps: int) -> str:

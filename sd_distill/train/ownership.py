@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..constants import (
@@ -166,25 +167,34 @@ def _probe_errors(folder: Path, flag: str, created: Path | None = None) -> list[
 
 
 def export_errors(config: TrainConfig) -> list[str]:
-    """``--export_fused_pipeline``: never the base model, the output folder (or inside/above it),
-    another run's folder, a file, or a non-empty folder other than an earlier fused export."""
+    """``--export_fused_pipeline``: never the base model, the output folder (or inside/above it), a
+    folder the run fills, another run's folder, a file, or a non-empty folder other than an earlier
+    fused export."""
     if not config.export_fused_pipeline:
         return []
-    flag, target = "--export_fused_pipeline", Path(config.export_fused_pipeline)
-    real = target.resolve()
     out = Path(config.output_dir)
-    clashes = [("--output_dir", out.resolve())]
-    if os.path.exists(config.pretrained_model_name_or_path):
-        clashes.append(
-            ("the base model --pretrained_model_name_or_path", Path(config.pretrained_model_name_or_path).resolve())
-        )
+    # the folders the run fills as it goes: empty (so allowed) now, deleted with an export swapped in later
+    filled = [("--logging_dir", out / config.logging_dir)]
+    filled += [(f"--{n}", Path(v)) for n in ("cache_dir", "trajectory_dir") if (v := getattr(config, n))]
+    clashes = [("--output_dir", out)]
+    if os.path.exists(config.pretrained_model_name_or_path):  # not a hub id
+        clashes.append(("the base model --pretrained_model_name_or_path", Path(config.pretrained_model_name_or_path)))
+    return export_target_errors("--export_fused_pipeline", Path(config.export_fused_pipeline), clashes, filled)
+
+
+def export_target_errors(
+    flag: str, target: Path, clashes: Sequence[tuple[str, Path]], filled: Sequence[tuple[str, Path]] = ()
+) -> list[str]:
+    """Where a fused export may go: not one of the ``clashes`` folders or inside/above one, not one of
+    the ``filled`` folders or above it (inside is fine), not a file, and not a non-empty folder other
+    than an earlier export of ours."""
+    real = target.resolve()
     for what, other in clashes:
+        other = other.resolve()
         if real == other or _relative_to(real, other) is not None or _relative_to(other, real) is not None:
             return [f"{flag} {str(target)!r} is {what} or inside/above it; export to a folder of its own."]
-    # the folders the run fills as it goes: empty (so allowed) now, deleted with an export swapped in later
-    filled = [("--logging_dir", (out / config.logging_dir).resolve())]
-    filled += [(f"--{n}", Path(v).resolve()) for n in ("cache_dir", "trajectory_dir") if (v := getattr(config, n))]
     for what, other in filled:
+        other = other.resolve()
         if real == other or _relative_to(other, real) is not None:
             return [
                 f"{flag} {str(target)!r} is {what} or above it, which the run fills; export to a folder of its own."
