@@ -231,6 +231,7 @@ def test_a_zero_stage_deepspeed_does_not_have(tiny_model_dir: Path, tmp_path: Pa
         (["--guidance_scale_range", "2", "8", "--guidance_embedding_dim", "3"], "--guidance_embedding_dim 3 must be"),
         (["--guidance_scale_range", "1.5", "4"], "--guidance_scale 7.5 (the scale of the validation images"),
         (["--guidance_scale_range", "2", "8", "--guidance_scale", "9"], "is outside --guidance_scale_range 2 8"),
+        (["--export_dtype", "fp16"], "--export_dtype fp16 applies to --export_fused_pipeline only"),
         (["--lr_decay_fraction", "0.2"], "--lr_decay_fraction applies to --lr_scheduler warmup_stable_decay only"),
         (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0"], "must be in (0, 1]"),
         (

@@ -182,6 +182,27 @@ def test_fused_export_is_a_full_pipeline_matching_the_trained_student(tiny_model
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary export left beside it
 
 
+def test_export_dtype_sets_the_fused_pipelines_stored_precision(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    data, fused = write_image_folder(tmp_path / "data", n=4), tmp_path / "fused"
+    run_training(
+        train_args(
+            tiny_model_dir,
+            data,
+            tmp_path / "out",
+            "--export_fused_pipeline",
+            str(fused),
+            "--export_dtype",
+            "fp16",
+            steps=2,
+        )
+    )
+    for weights in (fused / "unet").glob("*.safetensors"):
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+
 def test_validation_renders_student_and_teacher_and_logs_to_tensorboard(tiny_model_dir: Path, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image

@@ -136,6 +136,10 @@ def _check_outputs(c: TrainConfig, need: Need) -> None:
     for flag, value in (("--output_dir", c.output_dir), ("--cache_dir", c.cache_dir)):
         if value is not None:
             need(not Path(value).exists() or Path(value).is_dir(), f"{flag} {value!r} is a file, not a folder.")
+    need(
+        c.export_fused_pipeline is not None or c.export_dtype == "fp32",
+        f"--export_dtype {c.export_dtype} applies to --export_fused_pipeline only; add it or drop --export_dtype.",
+    )
     if c.export_fused_pipeline is not None:
         export = Path(c.export_fused_pipeline)
         need(

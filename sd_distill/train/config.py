@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..constants import DEFAULT_BASE_MODEL
+from ..constants import DEFAULT_BASE_MODEL, DTYPE_NAMES
 from ..guidance import GuidanceScales
 from ..lora import DEFAULT_TARGET_MODULES, TIME_EMBEDDING_TARGET_MODULES
 from ..options import build_parser as _build_parser
@@ -224,6 +224,12 @@ class TrainConfig:
     save_on_interrupt: bool = _opt(False, "On SIGTERM/SIGINT write a checkpoint before exiting (preemptible nodes).")
     export_fused_pipeline: Optional[str] = _opt(
         None, "Also write a full pipeline with the LoRA fused into the UNet to this folder."
+    )
+    export_dtype: str = _opt(
+        "fp32",
+        "Precision of the fused pipeline's stored weights (fused in fp32 first); fp16 halves the folder (load it "
+        "with torch_dtype=torch.float16).",
+        choices=DTYPE_NAMES,
     )
     # --- validation and logging --------------------------------------------------------------
     validation_prompts: list[str] = _opt(

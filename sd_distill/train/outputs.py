@@ -24,6 +24,7 @@ from ..files import (
     write_atomically,
 )
 from ..lora import adapter_metadata
+from ..models import torch_dtype
 from .averaging import WeightAverage
 from .checkpoint import deepspeed_engine
 from .collective import main_process_writes
@@ -62,6 +63,7 @@ def save_final(
                 config.export_fused_pipeline,
                 config.revision,
                 config.variant,
+                torch_dtype(config.export_dtype),
             )
 
     main_process_writes(accelerator, write)

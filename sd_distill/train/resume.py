@@ -51,7 +51,7 @@ RESUME_RULES: dict[str, str] = {
     # where things go and what is written, when
     "output_dir": HONOUR, "overwrite_output_dir": HONOUR, "cache_dir": HONOUR, "checkpointing_steps": HONOUR,
     "checkpoints_total_limit": HONOUR, "resume_from_checkpoint": HONOUR, "save_on_interrupt": HONOUR,
-    "export_fused_pipeline": HONOUR, "validation_prompts": HONOUR, "default_prompt": HONOUR,
+    "export_fused_pipeline": HONOUR, "export_dtype": HONOUR, "validation_prompts": HONOUR, "default_prompt": HONOUR,
     "validation_steps": HONOUR, "num_validation_inference_steps": HONOUR, "report_to": HONOUR,
     "logging_dir": HONOUR, "tracker_project_name": HONOUR,
 }  # fmt: skip
