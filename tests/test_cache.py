@@ -24,14 +24,18 @@ def test_too_little_free_space_is_refused_before_encoding(tiny_model_dir: Path, 
     assert not list((tmp_path / "out").rglob("*.safetensors*"))
 
 
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])  # the second is what safetensors raises
 def test_a_disk_that_fills_while_writing_names_the_file_and_leaves_no_tmp(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+    raised: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import safetensors.torch
+    from safetensors import SafetensorError
 
     def full_disk(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         Path(filename).write_bytes(b"half a file")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if raised == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     data = write_image_folder(tmp_path / "data", n=4)
@@ -42,3 +46,15 @@ def test_a_disk_that_fills_while_writing_names_the_file_and_leaves_no_tmp(
     assert "\n" not in message
     # the half-written file is gone (the lock file marks the folder as a run's and stays)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".sd-distill.lock"]
+
+
+def test_the_half_cache_file_of_a_killed_run_is_removed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data, out = write_image_folder(tmp_path / "data", n=4), tmp_path / "out"
+    run_training(train_args(tiny_model_dir, data, out, *CACHED))
+    cache = out / "cache"
+    written = sorted(p.name for p in cache.iterdir())
+    for name in written:  # as if a run had been killed while writing each of them, then they were lost
+        (cache / f".{name}.tmp-999999999").write_bytes(b"half a file")
+        (cache / name).unlink()
+    run_training(train_args(tiny_model_dir, data, out, *CACHED, "--overwrite_output_dir"))
+    assert sorted(p.name for p in cache.iterdir()) == written

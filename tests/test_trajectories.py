@@ -134,3 +134,42 @@ def test_a_disk_without_room_for_the_buffer_is_refused_before_generating(
     with pytest.raises(ConfigError, match="not enough disk space for the trajectory buffer"):
         _build(tmp_path / "full", tiny_model_dir, _Ranks())
     assert not list((tmp_path / "full").glob("shard-*"))
+
+
+def test_a_disk_that_fills_mid_buffer_is_one_line_and_keeps_the_written_shards(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from sd_distill.train.config import ConfigError
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fills_up(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        calls.append(filename)
+        if len(calls) == 1:
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"half a shard")  # what safetensors raises, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
+    monkeypatch.setattr("sd_distill.files.free_bytes", lambda path: 0)
+    folder = tmp_path / "buffer"
+    with pytest.raises(ConfigError) as err:
+        _build(folder, tiny_model_dir, _Ranks())
+    message = str(err.value)
+    assert message.startswith("disk full writing ") and "shard-00001" in message and "--trajectory_dir" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["buffer.json", "shard-00000.safetensors"]  # no half shard
+
+
+def test_the_half_shard_of_a_killed_run_is_removed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "buffer"
+    folder.mkdir()
+    (folder / ".shard-00001.safetensors.tmp-999999999").write_bytes(b"half a shard")  # its writer is dead
+    _build(folder, tiny_model_dir, _Ranks())
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "buffer.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]

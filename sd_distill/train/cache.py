@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..files import remove_stale_temps
 from ..models import Components, encode_images, encode_prompts
 from .data import ScanReport
 from .loader import ImageCaptionDataset, epoch_and_index
@@ -108,6 +109,7 @@ def cached_latents(config: Any, table: Any, spec: DataSpec, vae: Any, accelerato
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE
     channels, side = vae.config.latent_channels, spec.resolution // scale
     per_row = channels * side * side * vae.dtype.itemsize + 8
+    remove_stale_temps(path.parent, f"{path.stem}*")  # a killed run's half file or part (before the collective)
     agree_on_error(accelerator, space_error(path.parent, len(table) * per_row, "latent cache"))
     start = time.perf_counter()
     chunks = my_chunks(len(table), accelerator)
@@ -170,6 +172,7 @@ def cached_text(config: Any, base: ImageCaptionDataset, components: Components, 
         return load_file(str(path))["text_embeddings"]
     length, width = tokenizer.model_max_length, encoder.config.hidden_size
     size = len(base) * length * width * encoder.dtype.itemsize
+    remove_stale_temps(path.parent, f"{path.stem}*")
     agree_on_error(accelerator, space_error(path.parent, size, "text-embedding cache"))
     start = time.perf_counter()
     chunks = my_chunks(len(base), accelerator)

@@ -10,7 +10,6 @@ Every step that can fail on one rank (a full disk) is agreed on by all, so they 
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..files import as_write_error, temp_sibling
 from .config import ConfigError
 
 CHUNK = 16  # rows per chunk: one VAE / text-encoder batch
@@ -90,30 +90,34 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return write_atomic(path, lambda tmp: save_file(packed, str(tmp), metadata=metadata), nbytes(packed))
 
 
-def write_atomic(path: Path, write: Callable[[Path], Any], size: int) -> str | None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+def write_atomic(path: Path, write: Callable[[Path], Any], size: int, flag: str = "--cache_dir") -> str | None:
+    """``write(tmp)`` then rename it to ``path``; the problem as one line (``flag``: the folder's option)."""
+    tmp = temp_sibling(path)  # hidden, and removed by remove_stale_temps once its writer is dead
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
         return None
-    except OSError as exc:
+    except Exception as exc:  # safetensors' full disk is a SafetensorError ("os error 28"), not an OSError
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        failed = as_write_error(exc, path, size)
+        if failed is None:
+            raise
+        if failed.no_space:
             return f"disk full writing {path}: it needs {_mb(size)}, {_mb(free_bytes(path.parent))} free there; " + (
-                "free some space or point --cache_dir at another disk."
+                f"free some space or point {flag} at another disk."
             )
-        return f"cannot write {path}: {exc.strerror or exc}"
+        return str(failed)
 
 
-def space_error(folder: Path, size: int, what: str) -> str | None:
+def space_error(folder: Path, size: int, what: str, flag: str = "--cache_dir") -> str | None:
     """Refuse before encoding when ``folder``'s disk cannot take ``size`` bytes."""
     free = free_bytes(folder)
     if free >= size * 1.05:  # safetensors' header and the file system's blocks
         return None
     return (
         f"not enough disk space for the {what} in {folder}: it needs about {_mb(size)}, {_mb(free)} free; "
-        "free some space or point --cache_dir at another disk."
+        f"free some space or point {flag} at another disk."
     )
 
 

@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 
+from ..files import remove_stale_temps
 from ..guidance import GuidanceScales, teacher_cfg_prediction
 from ..models import Components
 from .loader import epoch_and_index
-from .shards import agree_on_error, every_rank, space_error, world_and_rank
+from .shards import agree_on_error, every_rank, nbytes, space_error, world_and_rank, write_atomic
 from .targets import Teacher
 
 logger = logging.getLogger(__name__)
+_FLAGS = "--trajectory_dir (or --cache_dir)"  # the folders a buffer is written in, for messages
 
 FORMAT_VERSION = 1
 SPEC_FILE = "buffer.json"
@@ -146,14 +148,16 @@ def build_buffer(
 ) -> Path:
     """Generate the shards this rank owns (shard ``k`` belongs to rank ``k mod world``) that are not on
     disk yet, then wait for every rank. A killed run keeps its finished shards."""
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     _check_spec(folder, spec, accelerator)
     world, rank = world_and_rank(accelerator)
     mine = [k for k in range(spec.num_shards) if k % world == rank]
     todo = [k for k in mine if not shard_path(folder, k).is_file()]
+    # half shards of a killed run; before the collective space check, so no rank of this run writes one yet
+    remove_stale_temps(folder, "shard-*")
     _check_space(folder, spec, len(todo), accelerator)
+    error = None
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -170,12 +174,11 @@ def build_buffer(
         out["w"] = w.repeat_interleave(spec.steps)
         out["prompt"] = torch.tensor(prompts, dtype=torch.int32).repeat_interleave(spec.steps)
         out["trajectory"] = torch.tensor(list(trajectories), dtype=torch.int64).repeat_interleave(spec.steps)
-        tmp = shard_path(folder, shard).with_suffix(f".tmp{os.getpid()}")
-        try:
-            save_file(out, str(tmp), metadata={"key": spec.key, "shard": str(shard)})
-            os.replace(tmp, shard_path(folder, shard))
-        finally:
-            tmp.unlink(missing_ok=True)
+        error = _save_shard(shard_path(folder, shard), out, {"key": spec.key, "shard": str(shard)})
+        if error:  # a disk that filled after the space check: stop, and stop every rank with this line
+            error += " The shards written so far are kept; a rerun goes on from them."
+            break
+    agree_on_error(accelerator, error)
     seconds = time.perf_counter() - start
     if todo:
         logger.info(
@@ -229,10 +232,17 @@ def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
         )
 
 
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+    """Write one shard atomically; a failure (a full disk) as one line."""
+    from safetensors.torch import save_file
+
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), nbytes(tensors), _FLAGS)
+
+
 def _check_space(folder: Path, spec: TrajectorySpec, shards: int, accelerator: Any) -> None:
     """Room for this rank's missing shards; a rank short of it stops every rank (none waits alone)."""
     need = shards * spec.shard_size * spec.steps * spec.bytes_per_state()
-    agree_on_error(accelerator, space_error(folder, need, "trajectory buffer"))
+    agree_on_error(accelerator, space_error(folder, need, "trajectory buffer", _FLAGS))
 
 
 def load_buffer(folder: Path, spec: TrajectorySpec) -> dict[str, torch.Tensor]:
