@@ -146,5 +146,8 @@ def run(export: Export) -> Path:
         return export_fused_pipeline(
             export.base, export.student, str(export.out), export.revision, export.variant, torch_dtype(export.dtype)
         )
+    except OSError as err:  # the export turns every failed write into OutputWriteError: this is the base's load
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"cannot load the base model {export.base!r}: {first}; pass --base") from None
     finally:
         lock.release()
