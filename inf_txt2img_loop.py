@@ -42,7 +42,10 @@ def _compare(argv: list[str] | None) -> int:
                 f"{title:>28}: {c['seconds_per_image_median']:.4f} s/image, "
                 f"{c['unet_evals_per_image']:g} UNet evals/image"
             )
-        print(f"speed ratio (base / distilled time): {report['speed_ratio_distilled_over_base']:.2f}x")
+        print(
+            f"speed ratio at g={report['speed_ratio_guidance_scale']:g} (base / distilled time): "
+            f"{report['speed_ratio_distilled_over_base']:.2f}x"
+        )
     return 0
 
 

@@ -160,6 +160,7 @@ def test_the_comparison_at_several_scales_writes_a_section_per_scale_and_the_cur
     assert all("distilled_vs_base_cfg" in s["fidelity"] for s in report["per_scale"])
     assert report["fidelity_guidance_scale"] == 2.0 and report["fidelity"] == report["per_scale"][0]["fidelity"]
     assert "## Fidelity of distilled to base with CFG at g = 2\n" in (out / "report.md").read_text()
+    assert report["speed_ratio_guidance_scale"] == 2.0 and "- speed ratio at g = 2 " in (out / "report.md").read_text()
     assert (out / "guidance_curve.png").stat().st_size > 0 and json.loads((out / "report.json").read_text())[
         "per_scale"
     ]

@@ -111,7 +111,9 @@ def build_report(
         "num_processes": num_processes,
         "columns": cols,
         "speed_ratio_distilled_over_base": secs[base_key] / secs[student_key],
-        "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast)",
+        "speed_ratio_guidance_scale": next(c["guidance_scale"] for c in cols if c["key"] == base_key),
+        "speed_ratio_note": "base seconds/image divided by distilled seconds/image (2.0 = distilled twice as fast), "
+        "the base with CFG at speed_ratio_guidance_scale (each scale's pair: per_scale)",
         "fidelity": scores["fidelity"],
         "fidelity_guidance_scale": scores.get("fidelity_guidance_scale", res.guidance_scale),
         "clip_score": scores["clip_score"],
@@ -137,7 +139,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- {len(report['prompts'])} prompts, seed {report['seed']}, {report['num_inference_steps']} steps, "
         f"{report['width']}x{report['height']}, {report['dtype']} on {report['device']} "
         f"({report['num_processes']} process(es))",
-        f"- speed ratio (base s/img ÷ distilled s/img): **{report['speed_ratio_distilled_over_base']:.2f}x**",
+        f"- speed ratio at g = {report['speed_ratio_guidance_scale']:g} (base s/img ÷ distilled s/img): "
+        f"**{report['speed_ratio_distilled_over_base']:.2f}x**",
         "",
         "| column | guidance | s/image (median) | UNet evals/image | peak memory (MB) |",
         "|---|---|---|---|---|",
