@@ -24,7 +24,7 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(config_class):
         meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
+        help_text = meta.pop("help", "").replace("%", "%%")  # argparse %-formats help ("15 %" is text here)
         negative_alias = meta.pop("negative_alias", None)
         flags = ["--" + f.name]
         if f.default is not dataclasses.MISSING:

@@ -300,3 +300,10 @@ def test_lora_target_modules_that_match_nothing(
     code, err = _main(argv, capsys)
     assert code == 2 and "--lora_target_modules to_qq attn9: no UNet module has that name" in err
     assert "e.g. " in err and "to_k" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train_sd_distil_lora.py", "inf_txt2img_loop.py", "export_fused_pipeline.py"])
+def test_help_lists_the_flags(script: str) -> None:
+    """A new user's first command: argparse %-formats every help text, so a bare "15 %" broke it."""
+    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout and "Traceback" not in done.stderr, done.stderr[-2000:]
