@@ -420,3 +420,13 @@ def test_a_failed_summary_write_is_raised_and_a_good_one_written(tmp_path) -> No
         main_process_writes(main, full_disk)
     other = SimpleNamespace(is_main_process=False, num_processes=1)
     main_process_writes(other, full_disk)  # only the main process writes
+
+
+def test_the_model_card_says_how_to_load_a_half_precision_export() -> None:
+    from sd_distill.train.config import TrainConfig
+    from sd_distill.train.outputs import model_card
+
+    ranged = {"guidance_scale_range": [1.5, 10.0], "export_fused_pipeline": "fused"}
+    half = model_card(TrainConfig(**ranged, export_dtype="fp16"))
+    assert "from_pretrained(DIR, torch_dtype=torch.float16)" in half
+    assert "from_pretrained(DIR)" in model_card(TrainConfig(**ranged))

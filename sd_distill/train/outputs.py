@@ -96,6 +96,12 @@ def _averaged(config: TrainConfig, steps: int) -> str:
     )
 
 
+def _export_dtype_argument(config: TrainConfig) -> str:
+    """What loading an export stored in half precision needs (without it a CPU load mixes dtypes)."""
+    names = {"fp16": "float16", "bf16": "bfloat16"}
+    return f", torch_dtype=torch.{names[config.export_dtype]}" if config.export_dtype in names else ""
+
+
 def model_card(config: TrainConfig, averaged_steps: int = 0) -> str:
     """The README of a training folder; ``averaged_steps``: how many steps' weights the saved ones are the mean of."""
     base, out = config.pretrained_model_name_or_path, config.output_dir
@@ -125,8 +131,8 @@ image = pipe("a photo of a cat", guidance_scale={config.guidance_scale:g}).image
 ```
 
 With `--export_fused_pipeline DIR` the folder DIR is a full pipeline that stock diffusers loads alone
-(`StableDiffusionPipeline.from_pretrained(DIR)`). In one-pass sampling `negative_prompt` and
-`guidance_rescale` are ignored (there is no unconditional pass to apply them to).
+(`StableDiffusionPipeline.from_pretrained(DIR{_export_dtype_argument(config)})`). In one-pass sampling
+`negative_prompt` and `guidance_rescale` are ignored (there is no unconditional pass to apply them to).
 
 {_averaged(config, averaged_steps)}Training settings are in `{CONFIG_FILE_NAME}`.
 """
