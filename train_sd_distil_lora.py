@@ -8,6 +8,7 @@
 Also runs under plain ``python``. ``--help`` lists every flag.
 """
 
+import math
 import os
 import sys
 
@@ -43,7 +44,8 @@ def _train(argv: list[str] | None) -> int:
             print(f"interrupted at step {stats.global_step}; checkpoint saved in {config.output_dir}")
         return 130
     if main_rank:
-        print(f"done: {stats.global_step} steps, final loss {stats.final_loss:.4g}, LoRA in {config.output_dir}")
+        loss = f"final loss {stats.final_loss:.4g}" if math.isfinite(stats.final_loss) else "final loss not measured"
+        print(f"done: {stats.global_step} steps, {loss}, LoRA in {config.output_dir}")
     return 0
 
 
