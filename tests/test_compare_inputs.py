@@ -246,3 +246,18 @@ def test_a_rerun_with_fewer_prompts_leaves_only_its_own_images(tiny_lora_dir: Pa
     assert set(json.loads((out / MANIFEST).read_text())["files"]) == {
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
     } - {"notes.txt", MANIFEST}
+
+
+def test_the_half_files_of_a_killed_comparison_are_removed_by_the_next(tiny_lora_dir: Path, tmp_path: Path) -> None:
+    from sd_distill.eval.compare import run
+
+    out = tmp_path / "o"
+    config = CompareConfig(ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=["a cat"], num_inference_steps=1)
+    run(config)
+    image = next((out / "distilled").glob("*.png"))
+    half = [out / ".grid.png.tmp-999999999", image.with_name(f".{image.name}.tmp-999999998")]  # writers dead
+    for path in half:
+        path.write_bytes(b"half a file")
+    (out / "notes.txt.tmp-999999997").write_text("a user's")  # not a name of ours: left alone
+    run(config)
+    assert not any(p.exists() for p in half) and (out / "notes.txt.tmp-999999997").is_file()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import remove_stale_temps, temp_sibling
 from .config import CompareError
 from .prompts import image_file_name
 
@@ -86,6 +87,9 @@ def _read_json(path: Path) -> Any:
 def claim(out: Path, planned: list[str]) -> None:
     """Record ``planned`` as ours before writing any of it."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in [*planned, MANIFEST]:  # half files of a comparison killed while writing them
+        if (out / name).parent.is_dir():
+            remove_stale_temps((out / name).parent, Path(name).name)
     files = sorted(owned_files(out) | set(planned))
     write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
 
@@ -106,7 +110,7 @@ def settle(out: Path, planned: list[str]) -> list[str]:
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` next to ``path``, then rename: an old file is replaced only by a complete new one.
     A full disk is one CompareError naming the file and the free space."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
