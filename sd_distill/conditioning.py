@@ -133,11 +133,12 @@ def student_weights(unet: Any, engine: Any = None) -> StudentWeights:
 
 
 def save_student(weights: StudentWeights, folder: str | Path, metadata: dict[str, Any]) -> Path:
-    """The LoRA file (with its adapter metadata) and, if any, the guidance projection beside it."""
-    path = save_lora(weights.lora, folder, metadata)
+    """The guidance projection, if any, then the LoRA file (with its adapter metadata). The LoRA comes last
+    because it marks a finished run: a disk that fills between the two leaves no LoRA without its
+    projection (which would look finished and load as fixed-w), only an unfinished run to resume."""
     if weights.guidance_projection is not None:
         save_guidance_projection(weights.guidance_projection, folder)
-    return path
+    return save_lora(weights.lora, folder, metadata)
 
 
 class StudentFolderError(ValueError):

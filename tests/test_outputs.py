@@ -430,3 +430,27 @@ def test_the_model_card_says_how_to_load_a_half_precision_export() -> None:
     half = model_card(TrainConfig(**ranged, export_dtype="fp16"))
     assert "from_pretrained(DIR, torch_dtype=torch.float16)" in half
     assert "from_pretrained(DIR)" in model_card(TrainConfig(**ranged))
+
+
+def test_a_disk_full_between_the_final_files_leaves_no_lora_without_its_projection(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    import sd_distill.conditioning as conditioning
+    from sd_distill.conditioning import StudentWeights, save_student
+    from sd_distill.constants import GUIDANCE_PROJ_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    weights = StudentWeights(lora={"unet.a.lora_A.weight": torch.ones(2, 2)}, guidance_projection=torch.ones(4, 8))
+    for failing in ("save_lora", "save_guidance_projection"):
+        folder = tmp_path / failing
+        folder.mkdir()
+        with monkeypatch.context() as m:
+            m.setattr(conditioning, failing, full)
+            with pytest.raises(OSError):
+                save_student(weights, folder, {})
+        assert not (folder / LORA_WEIGHTS_NAME).exists()  # the finished-run marker is never there alone
+    assert (tmp_path / "save_lora" / GUIDANCE_PROJ_WEIGHTS_NAME).is_file()
