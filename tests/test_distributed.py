@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,12 @@ def _launch(config: str | Path, argv: list[str], log: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
-def _launched(config: str | Path, argv: list[str], log: Path) -> subprocess.CompletedProcess:
-    """``accelerate launch`` of the training CLI; its stdout and stderr go to ``log``."""
+def _launched(
+    config: str | Path, argv: list[str], log: Path, script: Path = ROOT / "train_sd_distil_lora.py", **env_extra: str
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of the training CLI (or ``script``); its stdout and stderr go to ``log``."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = subprocess_env()
+    env = subprocess_env(**env_extra)
     with open(log, "w") as handle:
         return subprocess.run(
             [
@@ -38,7 +41,7 @@ def _launched(config: str | Path, argv: list[str], log: Path) -> subprocess.Comp
                 str(ROOT / "accelerate_configs" / config),  # an absolute path stays as it is
                 "--main_process_port",
                 "0",
-                str(ROOT / "train_sd_distil_lora.py"),
+                str(script),
                 *argv,
             ],
             stdout=handle,
@@ -90,6 +93,30 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
     before, after = lora_output_change(wide_model_dir, out)
     assert not torch.allclose(before, after, atol=1e-5)
     print(f"{config}: checkpoint {ckpt_bytes / 1024:.0f} KiB, UNet {unet_bytes / 1024:.0f} KiB")
+
+
+@pytest.mark.parametrize(
+    "rank, file", [("1", "zero_pp_rank_1"), ("0", "mp_rank_00_model_states")], ids=["rank1-shard", "rank0-model"]
+)
+def test_a_full_disk_on_one_rank_mid_checkpoint_stops_both_at_once(
+    rank: str, file: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """DeepSpeed writes each rank's checkpoint files between two barriers: one rank's failed write must
+    not leave the other waiting in the second one until --ddp_timeout (attack finding F7)."""
+    data = write_image_folder(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    argv = train_args(tiny_model_dir, data, out, "--ddp_timeout", "90", steps=4)
+    started = time.monotonic()
+    proc = _launched(
+        "cpu_2proc_zero2.yaml", argv, tmp_path / "log", ROOT / "tests" / "faulty_train.py",
+        SD_FAULT_RANK=rank, SD_FAULT_FILE=file,
+    )  # fmt: skip
+    text = (tmp_path / "log").read_text()
+    assert proc.returncode != 0 and time.monotonic() - started < 90, text[-3000:]  # not the collective's timeout
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on the device writing"), text[-3000:]
+    assert "checkpoint-2 was not written" in errors[0]
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".checkpoint-*"))  # nothing half-written
 
 
 def test_two_ranks_split_the_cache_and_assemble_what_one_process_writes(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +98,14 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
         kwargs = (
             {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         )
-        failure = _attempt(lambda: accelerator.save_state(str(tmp), **kwargs), tmp, needed)
-    weights = student_weights(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
-    if accelerator.is_main_process and failure is None:
-        failure = _attempt(lambda: _write_own_files(tmp, weights, unet, config, accelerator, step), tmp, needed)
-    failure = first_failure(accelerator, failure)
+        with _deepspeed_failures_meet_its_last_barrier(deepspeed_engine(accelerator)):
+            failure = _attempt(lambda: accelerator.save_state(str(tmp), **kwargs), tmp, needed)
+        failure = first_failure(accelerator, failure)  # before the next collective: every rank skips it alike
+    if failure is None:
+        weights = student_weights(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
+        if accelerator.is_main_process:
+            failure = _attempt(lambda: _write_own_files(tmp, weights, unet, config, accelerator, step), tmp, needed)
+        failure = first_failure(accelerator, failure)
     if failure is not None:
         if accelerator.is_main_process:
             remove_quietly(tmp)
@@ -150,6 +155,34 @@ def _attempt(action: Any, path: Path, needed: int | None) -> str | None:
 
 
 _NO_SPACE_MARK = "\0no-space\0"  # travels with the message to every rank
+
+
+@contextmanager
+def _deepspeed_failures_meet_its_last_barrier(engine: Any) -> Iterator[None]:
+    """DeepSpeed's ``save_checkpoint`` writes each rank's files (its own through ``torch.save``, the
+    recovery scripts and the ``latest`` tag with plain file calls) and then waits in one barrier. A rank
+    whose write raises leaves before that barrier, and the ranks that wrote theirs would wait in it until
+    ``--ddp_timeout`` (attack finding F7, a full disk). Here the failing rank joins that barrier on its
+    way out, so every rank leaves the save together and then agrees on its outcome."""
+    if engine is None:
+        yield
+        return
+    real = engine.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(*args, **kwargs)
+        except Exception:
+            import torch.distributed
+
+            torch.distributed.barrier()  # the one the ranks whose writes went through are waiting in
+            raise
+
+    engine.save_checkpoint = save_checkpoint
+    try:
+        yield
+    finally:
+        del engine.save_checkpoint  # the class's method again
 
 
 def _checkpoint_failure(failure: str, final: Path, needed: int | None) -> str:
