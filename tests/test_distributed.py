@@ -96,25 +96,31 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
 
 
 @pytest.mark.parametrize(
-    "rank, file", [("1", "zero_pp_rank_1"), ("0", "mp_rank_00_model_states")], ids=["rank1-shard", "rank0-model"]
+    "rank, file, kind, says",
+    [
+        ("1", "zero_pp_rank_1", "enospc", "no space left on the device writing"),
+        ("0", "mp_rank_00_model_states", "enospc", "no space left on the device writing"),
+        ("1", "zero_pp_rank_1", "other", "writing '"),  # not the disk: still one line, no hang
+    ],
+    ids=["rank1-shard", "rank0-model", "rank1-other-error"],
 )
-def test_a_full_disk_on_one_rank_mid_checkpoint_stops_both_at_once(
-    rank: str, file: str, tiny_model_dir: Path, tmp_path: Path
+def test_a_failed_write_on_one_rank_mid_checkpoint_stops_both_at_once(
+    rank: str, file: str, kind: str, says: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """DeepSpeed writes each rank's checkpoint files between two barriers: one rank's failed write must
-    not leave the other waiting in the second one until --ddp_timeout (attack finding F7)."""
+    """DeepSpeed writes each rank's checkpoint files between two barriers: one rank's failed write (a
+    full disk) must not leave the other waiting in the second one until --ddp_timeout (attack finding F7)."""
     data = write_image_folder(tmp_path / "data", n=4)
     out = tmp_path / "out"
     argv = train_args(tiny_model_dir, data, out, "--ddp_timeout", "90", steps=4)
     started = time.monotonic()
     proc = _launched(
         "cpu_2proc_zero2.yaml", argv, tmp_path / "log", ROOT / "tests" / "faulty_train.py",
-        SD_FAULT_RANK=rank, SD_FAULT_FILE=file,
+        SD_FAULT_RANK=rank, SD_FAULT_FILE=file, SD_FAULT_KIND=kind,
     )  # fmt: skip
     text = (tmp_path / "log").read_text()
     assert proc.returncode != 0 and time.monotonic() - started < 90, text[-3000:]  # not the collective's timeout
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: no space left on the device writing"), text[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {says}"), text[-3000:]
     assert "checkpoint-2 was not written" in errors[0]
     assert not list(out.glob("checkpoint-*")) and not list(out.glob(".checkpoint-*"))  # nothing half-written
 

@@ -422,6 +422,32 @@ def test_a_failed_summary_write_is_raised_and_a_good_one_written(tmp_path) -> No
     main_process_writes(other, full_disk)  # only the main process writes
 
 
+def test_any_error_of_the_main_process_writing_stops_the_other_ranks_too(monkeypatch) -> None:
+    """An error that is not a full disk (e.g. the export's base gone) must not leave the other ranks
+    waiting in the agreement until --ddp_timeout: the main process raises it, the others its line."""
+    from types import SimpleNamespace
+
+    from sd_distill.files import OutputWriteError
+    from sd_distill.train import collective
+
+    shared: list[str | None] = []
+
+    def agree(accelerator, message):  # what every rank of a 2-process run learns: the main one's line
+        if accelerator.is_main_process:
+            shared.append(message)
+        return shared[0]
+
+    monkeypatch.setattr(collective, "first_failure", agree)
+
+    def broken() -> None:
+        raise RuntimeError("the base model folder is gone")
+
+    with pytest.raises(RuntimeError, match="base model folder is gone"):  # the main one keeps its traceback
+        collective.main_process_writes(SimpleNamespace(is_main_process=True, num_processes=2), broken)
+    with pytest.raises(OutputWriteError, match="main process failed .*RuntimeError: the base model folder is gone"):
+        collective.main_process_writes(SimpleNamespace(is_main_process=False, num_processes=2), broken)
+
+
 def test_the_model_card_says_how_to_load_a_half_precision_export() -> None:
     from sd_distill.train.config import TrainConfig
     from sd_distill.train.outputs import model_card

@@ -143,13 +143,15 @@ def _write_own_files(tmp: Path, weights: StudentWeights, unet: Any, config: Any,
 
 
 def _attempt(action: Any, path: Path, needed: int | None) -> str | None:
-    """Run ``action``; a failed write becomes its one-line message (every rank then learns it)."""
+    """Run ``action``; a failure becomes its one-line message (every rank then learns it: a rank that
+    raised instead would leave the others waiting in the agreement until ``--ddp_timeout``)."""
     try:
         action()
     except Exception as err:
         failed = as_write_error(err, path, needed)
-        if failed is None:
-            raise
+        if failed is None:  # not the disk: its traceback here, its line on every rank
+            logger.exception("writing %s failed", path)
+            return f"writing {str(path)!r} failed: {type(err).__name__}: {err}"
         return (_NO_SPACE_MARK if failed.no_space else "") + str(failed)
     return None
 

@@ -40,13 +40,19 @@ def all_true(accelerator: Any, flag: bool) -> bool:
 
 def main_process_writes(accelerator: Any, write: Callable[[], None]) -> None:
     """``write()`` on the main process; a failed write (:class:`OutputWriteError`) is raised on every
-    rank. Every rank calls this, so it is also a barrier: no rank goes on while the main one writes."""
-    failure = None
+    rank. Every rank calls this, so it is also a barrier: no rank goes on while the main one writes.
+    Any other error of the main process is raised there as it is, and the other ranks stop with its
+    one line (else they would wait here until ``--ddp_timeout``)."""
+    failure, error = None, None
     if accelerator.is_main_process:
         try:
             write()
         except OutputWriteError as err:
             failure = str(err)
+        except Exception as err:
+            error, failure = err, f"the main process failed while writing the outputs: {type(err).__name__}: {err}"
     failure = first_failure(accelerator, failure)
+    if error is not None:
+        raise error
     if failure is not None:
         raise OutputWriteError(failure)
