@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 
@@ -261,3 +263,161 @@ def test_the_half_files_of_a_killed_comparison_are_removed_by_the_next(tiny_lora
     (out / "notes.txt.tmp-999999997").write_text("a user's")  # not a name of ours: left alone
     run(config)
     assert not any(p.exists() for p in half) and (out / "notes.txt.tmp-999999997").is_file()
+
+
+# A comparison that does not finish (killed, a full disk, a scorer that raises) over an earlier one's
+# folder: whatever it leaves, a report there (report.json, report.md, grid.png, the curve) shows the
+# images beside it, never the earlier run's images or a mix of both runs.
+REPORTS = ("report.json", "report.md", "grid.png", "guidance_curve.png")
+
+
+def _files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".tmp-" not in p.name}
+
+
+def _assert_reports_show_their_images(out: Path, before: dict[str, bytes]) -> None:
+    """No report of the earlier run (its files: ``before``) beside an image of this one, and no report of
+    this run beside an image of the earlier one (the rerun uses another seed: every image differs)."""
+    now = _files_of(out)
+    earlier = {f for f, data in now.items() if before.get(f) == data}
+    images = [f for f in now if "/" in f and f.endswith(".png")]
+    reports = [f for f in REPORTS if f in now]
+    if any(f not in earlier for f in images):
+        assert not [f for f in reports if f in earlier], "the earlier run's report beside new images"
+    if any(f not in earlier for f in reports):
+        assert not [f for f in images if f in earlier], "a new report beside the earlier run's images"
+    if "report.json" in now:  # it names exactly the images beside it
+        named = {f for e in json.loads(now["report.json"])["images"] for f in e["files"].values()}
+        assert named == set(images)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CompareConfig, Path]:
+    """A finished comparison of 2 prompts (seed 1): the earlier run that each rerun below starts from."""
+    from sd_distill.eval.compare import run
+
+    out = tmp_path_factory.mktemp("finished") / "o"
+    config = CompareConfig(
+        ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=["a cat", "a dog"], num_inference_steps=1, seed=1
+    )
+    run(config)
+    return config, out
+
+
+def _fill_disk(monkeypatch: pytest.MonkeyPatch, module: object, when: Callable[[Path], bool]) -> None:
+    """``module``'s atomic writes fail as on a full disk from the first file ``when`` picks on."""
+    real = module.write_atomic  # type: ignore[attr-defined]
+    full = []
+
+    def write(path: Path, write_file: Callable[[Path], object]) -> None:
+        if full or when(path):
+            full.append(path)
+
+            def write_file(tmp: Path) -> None:
+                tmp.write_bytes(b"half")
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        real(path, write_file)
+
+    monkeypatch.setattr(module, "write_atomic", write)
+
+
+def _nth_image(n: int) -> Callable[[Path], bool]:
+    """Picks the ``n``-th image PNG written, and every file after it."""
+    images: list[Path] = []
+
+    def when(path: Path) -> bool:
+        if path.suffix == ".png" and path.name != "grid.png":
+            images.append(path)
+        return len(images) >= n
+
+    return when
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("prompts", [["a cat", "a dog"], ["a cat"]], ids=["same prompts", "fewer prompts"])
+@pytest.mark.parametrize("failure", ["disk full at the second image", "scorer raises", "disk full at report.json"])
+def test_a_rerun_that_does_not_finish_leaves_no_report_of_other_images(
+    finished: tuple[CompareConfig, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, prompts: list
+) -> None:
+    import shutil
+
+    import sd_distill.eval.compare as compare
+    import sd_distill.eval.report as report
+
+    config, earlier = finished
+    out = Path(shutil.copytree(earlier, tmp_path / "o"))
+    before = _files_of(out)
+    if failure == "scorer raises":
+        monkeypatch.setattr(compare, "score", Mock(side_effect=RuntimeError("scorer broke")))
+    else:
+        _fill_disk(monkeypatch, report, _nth_image(2) if "image" in failure else lambda p: p.name == "report.json")
+    rerun = CompareConfig(**{**config.__dict__, "out_dir": str(out), "prompts": prompts, "seed": 2})
+    with pytest.raises((CompareError, RuntimeError), match="no space left|scorer broke"):
+        compare.run(rerun)
+    assert _files_of(out) != before  # it got as far as writing something
+    _assert_reports_show_their_images(out, before)
+    monkeypatch.undo()
+    compare.run(rerun)  # the next run finishes the folder
+    _assert_reports_show_their_images(out, before)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_rerun_without_scales_does_not_leave_the_earlier_guidance_curve(
+    tiny_lora_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sd_distill.eval.compare as compare
+    import sd_distill.eval.report as report
+
+    out = tmp_path / "o"
+    scales = CompareConfig(
+        ft_model=str(tiny_lora_dir), out_dir=str(out), prompts=["a cat"], num_inference_steps=1, seed=1,
+        guidance_scales=[2.0, 7.5],
+    )  # fmt: skip
+    compare.run(scales)
+    before = _files_of(out)
+    assert "guidance_curve.png" in before
+    _fill_disk(monkeypatch, report, _nth_image(2))
+    with pytest.raises(CompareError, match="no space left"):
+        compare.run(CompareConfig(**{**scales.__dict__, "guidance_scales": None, "seed": 2}))
+    _assert_reports_show_their_images(out, before)
+
+
+def test_a_rerun_killed_after_its_first_image_leaves_no_report_of_other_images(
+    finished: tuple[CompareConfig, Path], tmp_path: Path
+) -> None:
+    """kill -9 for real: nothing of the comparison runs after it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    config, earlier = finished
+    out = Path(shutil.copytree(earlier, tmp_path / "o"))
+    before = _files_of(out)
+    rerun = {**config.__dict__, "out_dir": str(out), "seed": 2}
+    child = f"""
+import os, signal
+import sd_distill.eval.report as report
+from sd_distill.eval.compare import CompareConfig, run
+
+real, written = report.write_atomic, []
+
+def write(path, write_file):
+    if len(written) == 1:  # the first new image is in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, write_file)
+    written.append(path)
+
+report.write_atomic = write
+run(CompareConfig(**{rerun!r}))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", child], env=subprocess_env(PYTHONPATH=str(repo)), capture_output=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _files_of(out) != before
+    _assert_reports_show_their_images(out, before)

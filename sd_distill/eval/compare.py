@@ -3,8 +3,8 @@
 ``run(config)`` validates everything first (no model is loaded before the inputs are known to be
 usable), loads each pipeline once, renders every prompt with a fresh
 ``torch.Generator(device).manual_seed(seed)`` per image (so each column is exactly what a stock
-diffusers pipeline gives with the same arguments), and writes ``grid.png``, one PNG per image and
-``report.json`` / ``report.md`` into ``out_dir``.
+diffusers pipeline gives with the same arguments), and writes one PNG per image, then ``grid.png`` and
+``report.json`` / ``report.md`` into ``out_dir`` (an earlier run's report is gone before the first PNG).
 
 Memory: the distilled pipeline shares the base pipeline's VAE, text encoder and tokenizer and
 holds its own copy of the UNet with the LoRA fused in. Why a copy rather than toggling one UNet's
@@ -31,7 +31,7 @@ from .config import CompareConfig, CompareError, column_keys, parse_args, resolv
 from .outdir import claim, planned_files, settle
 from .pipelines import load_pipelines
 from .render import Column, sample
-from .report import build_report, columns_report, save_images, write_report
+from .report import build_report, columns_report, save_grid, save_images, write_report
 from .scales import build_columns, per_scale, write_curve
 from .scores import load_scorer, score
 
@@ -72,14 +72,10 @@ def run(config: CompareConfig) -> dict[str, Any]:
         try:
             keys = column_keys(config, res.conditioned, res.guidance_scales)
             planned = planned_files(res.prompts, keys, curve=res.guidance_scales is not None)
-            claim(Path(config.out_dir), planned)
-            outcome[0] = (_assemble(columns, records, res, config, device, state.num_processes, scorer), None)
-            stale = settle(Path(config.out_dir), planned)  # only now that the new files all exist
-            logger.info(
-                "wrote %s%s",
-                Path(config.out_dir) / "grid.png",
-                f" (removed {len(stale)} of an earlier run)" if stale else "",
-            )
+            claim(Path(config.out_dir), planned)  # withdraws an earlier run's report before the first image
+            report = _assemble(columns, records, res, config, device, state.num_processes, scorer, planned)
+            outcome[0] = (report, None)
+            logger.info("wrote %s", Path(config.out_dir) / "grid.png")
         except Exception as exc:
             failed = exc
             outcome[0] = (None, (isinstance(exc, CompareError), f"{type(exc).__name__}: {exc}"))
@@ -120,12 +116,18 @@ def _assemble(
     device: Any,
     num_processes: int,
     scorer: Any,
+    planned: list[str],
 ) -> dict[str, Any]:
-    """Main process: images (PNGs, grid), scores, report (json, markdown)."""
+    """Main process: images (PNGs), then the reports that show them (grid, curve, markdown, json) with
+    their scores; never a report before the images it shows are all in place."""
     out = Path(config.out_dir).resolve()
     by = {(r["index"], r["column"]): r["image"] for r in records}
     images = {c.key: [by[(i, c.key)] for i in range(len(res.prompts))] for c in columns}
-    files = save_images(images, columns, res.prompts, out, config.num_inference_steps)
+    files = save_images(images, columns, res.prompts, out)
+    stale = settle(out, planned)  # only now that the new images all exist
+    if stale:
+        logger.info("removed %d file(s) of an earlier run", len(stale))
+    save_grid(images, columns, res.prompts, out, config.num_inference_steps)
     cols = columns_report(columns, records, config, device)
     size = next(iter(images.values()))[0].shape[:2]
     if res.guidance_scales is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..files import remove_stale_temps, temp_sibling
+from ..files import fsync_dir, remove_stale_temps, temp_sibling
 from .config import CompareError
 from .prompts import image_file_name
 
@@ -85,18 +85,37 @@ def _read_json(path: Path) -> Any:
 
 
 def claim(out: Path, planned: list[str]) -> None:
-    """Record ``planned`` as ours before writing any of it."""
+    """Record ``planned`` as ours and withdraw an earlier comparison's report, before writing any of it."""
     out.mkdir(parents=True, exist_ok=True)
     for name in [*planned, MANIFEST]:  # half files of a comparison killed while writing them
         if (out / name).parent.is_dir():
             remove_stale_temps((out / name).parent, Path(name).name)
-    files = sorted(owned_files(out) | set(planned))
+    earlier = owned_files(out)
+    files = sorted(earlier | set(planned))
     write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
+    _withdraw_reports(out, earlier)
+
+
+# Why the earlier report goes before the first new image, rather than rendering under temporary names
+# and swapping the set in at the end: the set is many files beside the user's own, so the swap is many
+# renames, and a kill or a full disk half-way through it mixes two runs all the same. Instead the old
+# report goes first and the new one comes last (after its images, and after settle): a comparison that
+# does not finish leaves images and no report, never a report beside images it does not describe.
+def _withdraw_reports(out: Path, earlier: set[str]) -> None:
+    """Remove the reports ``earlier`` (ours) names; report.json first, as it marks a complete folder."""
+    for name in ("report.json", "report.md", "grid.png", CURVE_FILE):
+        if name in earlier:
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise CompareError(f"cannot remove {out / name} of an earlier comparison: {exc.strerror}") from None
+    fsync_dir(out)  # gone for good before a new image lands, even if the machine then loses power
 
 
 def settle(out: Path, planned: list[str]) -> list[str]:
-    """Once this run's files are all written: remove what an earlier comparison here wrote and this one
-    did not (images of prompts or scales no longer asked for), so the folder shows one run; returns them."""
+    """Once this run's images are all written, before its reports: remove what an earlier comparison here
+    wrote and this one does not (images of prompts or scales no longer asked for), so the folder shows
+    one run, and a report is never beside images it does not show; returns them."""
     stale = sorted(f for f in owned_files(out) - set(planned) - {MANIFEST} if (out / f).is_file())
     for name in stale:
         path = out / name

@@ -1,5 +1,5 @@
 """What the comparison leaves in ``out_dir``: one PNG per image, ``grid.png``, ``report.json`` and
-``report.md``."""
+``report.md`` (the reports after the images: see outdir.claim)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from .render import Column
 
 
 def save_images(
-    images: dict[str, list[Any]], columns: list[Column], prompts: list[str], out: Path, steps: int
+    images: dict[str, list[Any]], columns: list[Column], prompts: list[str], out: Path
 ) -> list[dict[str, Any]]:
-    """``<column>/<index>_<slug>.png`` per image and ``grid.png``; returns the report's file list."""
+    """``<column>/<index>_<slug>.png`` per image; returns the report's file list."""
     from PIL import Image
 
     files: list[dict[str, Any]] = []
@@ -32,13 +32,19 @@ def save_images(
             write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             entry["files"][c.key] = str(path.relative_to(out))
         files.append(entry)
+    return files
+
+
+def save_grid(images: dict[str, list[Any]], columns: list[Column], prompts: list[str], out: Path, steps: int) -> None:
+    """``grid.png``: a report like report.json, so written only once every image it shows is."""
+    from PIL import Image
+
     grid = make_grid(
         [[Image.fromarray(images[c.key][i]) for c in columns] for i in range(len(prompts))],
         [f"{c.title}, w={c.guidance_scale:g}, {steps} steps" for c in columns],
         [f"{i + 1}. {p}" for i, p in enumerate(prompts)],
     )
     write_atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
-    return files
 
 
 def columns_report(columns: list[Column], records: list[dict], config: CompareConfig, device: Any) -> list:
