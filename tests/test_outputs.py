@@ -31,6 +31,13 @@ def _no_space(*args: object, **kwargs: object) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _lora_disk_full(weights: object, folder: Path, metadata: object) -> None:
+    """The final LoRA's writer on a full disk (it raises the one-line error, as replace_atomically does)."""
+    from sd_distill.files import write_error
+
+    raise write_error(OSError(errno.ENOSPC, "No space left on device"), Path(folder) / LORA)
+
+
 def _torch_full(path: Path) -> None:
     path.write_bytes(b"PK")
     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
@@ -92,6 +99,66 @@ def test_overwrite_keeps_the_previous_run_until_the_new_lora_exists(
     monkeypatch.undo()
     run_training(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", "--seed", "7", steps=2))
     assert (out / LORA).read_bytes() != old and not list(out.glob(".sd-distill-previous-*"))
+
+
+def test_an_overwrite_run_that_fails_at_its_lora_goes_on_from_its_set_aside_checkpoint(
+    tiny_model_dir: Path,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch,
+) -> None:
+    """Attack finding F3: the failure puts the previous, finished run back, so `latest` used to say
+    "nothing to do" and exit 0 with the *previous* LoRA. Now `latest` names the failed run's checkpoint,
+    and resuming from it with --overwrite_output_dir gives what an uninterrupted run gives."""
+    import torch
+    from safetensors.torch import load_file
+
+    import sd_distill.train.outputs as outputs
+
+    out, again = tmp_path / "out", ("--overwrite_output_dir", "--seed", "7")
+    run_training(train_args(tiny_model_dir, data, out, steps=4))
+    previous = (out / LORA).read_bytes()
+    run_training(train_args(tiny_model_dir, data, tmp_path / "whole", *again, steps=4))  # the run, uninterrupted
+
+    with monkeypatch.context() as m:  # the disk fills at the new run's final LoRA
+        m.setattr(outputs, "save_student", _lora_disk_full)
+        code, err = _main(train_args(tiny_model_dir, data, out, *again, steps=4), capsys)
+    assert code == 2 and "no space left" in err and (out / LORA).read_bytes() == previous  # put back
+    kept = out / _only(out, "abandoned-") / "checkpoint-4"
+    go_on = f"--resume_from_checkpoint {kept} --overwrite_output_dir"
+    assert go_on in caplog.text
+
+    code, err = _main(
+        train_args(tiny_model_dir, data, out, *again, "--resume_from_checkpoint", "latest", steps=4), capsys
+    )
+    assert code == 2 and "run started after it failed" in err and go_on in err and err.count("\n") == 1, err
+    assert (out / LORA).read_bytes() == previous
+
+    run_training(train_args(tiny_model_dir, data, out, *again, "--resume_from_checkpoint", str(kept), steps=4))
+    ours, whole = load_file(str(out / LORA)), load_file(str(tmp_path / "whole" / LORA))
+    assert ours.keys() == whole.keys() and all(torch.equal(ours[k], whole[k]) for k in ours)  # bit-identical
+    assert not list(out.glob(".sd-distill-previous-*"))  # the previous run was replaced, once this LoRA existed
+
+
+def test_a_failed_resume_of_a_set_aside_checkpoint_puts_the_finished_run_back(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Going on from a checkpoint outside the folder with --overwrite_output_dir replaces the run there
+    as a fresh overwrite does: only once the new LoRA exists (a second failure leaves it in place)."""
+    import sd_distill.train.outputs as outputs
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    run_training(train_args(tiny_model_dir, data, elsewhere, "--seed", "7", steps=2))
+    run_training(train_args(tiny_model_dir, data, out, steps=4))
+    previous = sorted(os.listdir(out)), (out / LORA).read_bytes()
+    monkeypatch.setattr(outputs, "save_student", _lora_disk_full)
+    resume = ("--overwrite_output_dir", "--seed", "7", "--resume_from_checkpoint", str(elsewhere / "checkpoint-2"))
+    code, err = _main(train_args(tiny_model_dir, data, out, *resume, steps=4), capsys)
+    assert code == 2 and "no space left" in err
+    assert (out / LORA).read_bytes() == previous[1]
+    assert [n for n in sorted(os.listdir(out)) if not n.startswith("abandoned-")] == previous[0]
 
 
 def _only(out: Path, prefix: str) -> str:

@@ -161,7 +161,7 @@ def _build(config: TrainConfig, pre: Preflight) -> Training:
     if isinstance(objective["source"], StudentStates):
         objective["source"].after_update(start_step)  # the first pool (a resumed run has its own)
     # only now, with everything loaded, is anything in the output folder moved or written
-    pre.run_dir.begin(config, None if resume_from is None else start_step)
+    pre.run_dir.begin(config, resume_from, None if resume_from is None else start_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))

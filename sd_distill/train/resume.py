@@ -11,10 +11,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..constants import LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME
+from ..constants import LORA_WEIGHTS_NAME, STATE_FILE_NAME, SUMMARY_FILE_NAME
 from .checkpoint import list_checkpoints, read_step
 from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 from .integrity import checkpoint_damage, launch_mismatch, read_json_object
+from .ownership import ABANDONED_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ def pick_resume(config: TrainConfig, launch: dict[str, Any]) -> tuple[Path | Non
     if config.resume_from_checkpoint is None:
         return None, []
     if config.resume_from_checkpoint == "latest":
+        ambiguous = _latest_after_a_failed_replacement(Path(config.output_dir))
+        if ambiguous is not None:
+            return None, [ambiguous]
         path, errors = _newest_complete(Path(config.output_dir))
         if path is None:
             return None, errors
@@ -212,6 +216,43 @@ def check_work_left(config: TrainConfig, resume_from: Path | None, max_steps: in
             f"--output_dir {str(out)!r} holds a finished run of {done} steps and no checkpoint to continue "
             "from; pass --overwrite_output_dir to start over or choose another folder."
         )
+
+
+def _latest_after_a_failed_replacement(out: Path) -> str | None:
+    """``latest`` in a folder whose finished run was put back when an ``--overwrite_output_dir`` run
+    replacing it failed: "nothing to do" would hand out the old LoRA as if it were the new run's."""
+    done = finished_run(out)
+    failed = _failed_replacement(out) if done is not None else None
+    if failed is None:
+        return None
+    own = list_checkpoints(out)
+    other = f"; to go on with the finished run: --resume_from_checkpoint {shlex.quote(str(own[-1]))}" if own else ""
+    return (
+        f"--resume_from_checkpoint latest: the run in {str(out)!r} finished its {done} steps, but an "
+        f"--overwrite_output_dir run started after it failed and left {str(failed)!r} (step {read_step(failed)}). "
+        f"To go on with that run: --resume_from_checkpoint {shlex.quote(str(failed))} --overwrite_output_dir"
+        f"{other}; to keep the finished run as it is, use its LoRA and leave out --resume_from_checkpoint."
+    )
+
+
+def _failed_replacement(out: Path) -> Path | None:
+    """The newest checkpoint that a failed ``--overwrite_output_dir`` run left set aside in ``out`` after
+    the finished run there ended (the failure put that run back; its own outputs went to abandoned-*/)."""
+    finished_at = _mtime(out / SUMMARY_FILE_NAME)
+    later = [
+        (mtime, checkpoint)
+        for folder in out.glob(ABANDONED_PREFIX + "*")
+        for checkpoint in list_checkpoints(folder)
+        if (mtime := _mtime(checkpoint / STATE_FILE_NAME)) > finished_at
+    ]
+    return max(later)[1] if later else None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # a damaged checkpoint: not one to point anyone to
+        return float("-inf")
 
 
 def honour_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:

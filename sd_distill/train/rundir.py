@@ -22,6 +22,7 @@ from ..constants import (
     SUMMARY_FILE_NAME,
 )
 from ..files import fsync_dir, remove_quietly, remove_stale_temps, write_atomically, write_error
+from .checkpoint import list_checkpoints
 from .collective import all_true, first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .ownership import (
@@ -133,7 +134,7 @@ class RunDir:
     def is_main(self) -> bool:
         return self.lock is not None
 
-    def begin(self, config: TrainConfig, resume_step: int | None) -> None:
+    def begin(self, config: TrainConfig, resume_from: Path | None, resume_step: int | None) -> None:
         """Before any model loads: set the previous run (overwrite) or the abandoned later outputs
         (resume) aside, then record the resolved config, the run's mark of ownership."""
         if not self.is_main:
@@ -145,7 +146,10 @@ class RunDir:
             logger.warning(
                 "an earlier --overwrite_output_dir run did not finish; the run it replaces is in %s", unfinished
             )
-        if config.overwrite_output_dir and resume_step is None:
+        # a checkpoint kept elsewhere (e.g. the one a failed --overwrite_output_dir run left in abandoned-*/)
+        # continues a run that replaces this folder's: set that run aside whole, as a fresh overwrite does
+        elsewhere = resume_from is not None and resume_from.resolve().parent != self.out.resolve()
+        if config.overwrite_output_dir and (resume_step is None or elsewhere):
             self.previous = _set_aside(self.out, _replaced_outputs(self.out, config), PREVIOUS_PREFIX)
             if self.previous is not None:
                 logger.warning(
@@ -179,6 +183,13 @@ class RunDir:
                 self.out,
                 f" (this run's partial outputs are in {partial})" if partial else "",
             )
+            kept = list_checkpoints(partial) if partial else []
+            if kept:  # `latest` now finds the previous run finished: say how to go on with this one
+                logger.warning(
+                    "to go on with this run rather than start it again: --resume_from_checkpoint %s "
+                    "--overwrite_output_dir",
+                    kept[-1],
+                )
             self.previous = None
         self.release()
 
