@@ -95,8 +95,10 @@ elif [ -z "$ACCELERATE_CONFIG" ]; then
   echo "accelerate config: none (accelerate's defaults: every GPU, no mixed precision); set ACCELERATE_CONFIG"
 fi
 
-# ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash before 4.4 (macOS ships 3.2)
-exec "$ACCELERATE" launch ${config_args[@]+"${config_args[@]}"} "$HERE/train_sd_distil_lora.py" \
+# ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash before 4.4 (macOS ships 3.2).
+# --quiet: a one-process launch that fails ends with our one `error:` line, not the launcher's own
+# traceback after it (accelerate has no such switch for several processes: see the README).
+exec "$ACCELERATE" launch --quiet ${config_args[@]+"${config_args[@]}"} "$HERE/train_sd_distil_lora.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --output_dir="$OUTPUT_DIR" \
   ${data_args[@]+"${data_args[@]}"} \

@@ -61,7 +61,10 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     # One intra-op thread: the toy models are too small to gain from more, and on a busy 2-core
     # machine spinning OpenMP threads made a training step 25x slower (10 s instead of 0.4 s).
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **threads, **(env or {})})
+    status = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **threads, **(env or {})}).returncode
+    if status != 0:  # the step said why in its own `error:` line; no traceback of ours after it
+        print(f"error: the demo stopped: {Path(cmd[1]).name} exited with status {status}", file=sys.stderr)
+        raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

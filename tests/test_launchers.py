@@ -138,6 +138,21 @@ def test_mytrainbash_resolves_your_paths_where_you_run_it_and_takes_the_data_fro
     assert not (ROOT / "out").exists()
 
 
+def test_mytrainbash_on_one_process_ends_with_our_error_line_not_the_launchers_traceback(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Attack finding F2: accelerate's launcher printed its own CalledProcessError traceback after our line."""
+    env = {**_env(), "MODEL_NAME": str(tiny_model_dir), "ACCELERATE_CONFIG": "accelerate_configs/cpu_demo.yaml"}
+    argv = ["--train_data_dir", str(tmp_path), "--resolution", "100"]  # refused: not a multiple of 8
+    proc = subprocess.run(
+        ["bash", str(ROOT / "mytrainbash.sh"), *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and "--resolution" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+
+
 def test_mytrainbash_refuses_two_data_sources_in_the_environment(tmp_path: Path) -> None:
     env = {**_env(), "PROMPTS_FILE": "p.txt", "DATASET_NAME": "some/dataset", "ACCELERATE": "false"}
     proc = subprocess.run(["bash", str(ROOT / "mytrainbash.sh")], env=env, cwd=tmp_path, capture_output=True, text=True)
