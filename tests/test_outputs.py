@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import time
@@ -398,13 +399,38 @@ def test_a_full_disk_during_the_fused_export_keeps_an_earlier_export(
         _no_space()
 
     monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", fills_up)
-    with pytest.raises(OutputWriteError, match=r"no space left .*fused.*needed.*free"):
+    with pytest.raises(OutputWriteError, match=r"no space left .*fused.*needed.*free") as said:
         export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))
+    amount, unit = re.search(r"about ([\d.]+) (KB|MB|GB) needed", str(said.value)).groups()
+    written = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    assert float(amount) * 2 ** (10 * "KMG".index(unit[0]) + 10) >= written  # not an under-estimate (F8)
     assert (target / "model_index.json").read_bytes() == index and sorted(os.listdir(tmp_path)) == ["fused"]
     StableDiffusionPipeline.from_pretrained(target)  # the earlier export is whole: it still loads
     monkeypatch.undo()
     export_fused_pipeline(str(tiny_model_dir), tiny_lora_dir, str(target))  # and is replaced once a new one is whole
     assert sorted(os.listdir(tmp_path)) == ["fused"]
+
+
+def test_a_full_disk_at_the_export_after_training_says_how_to_export_without_training_again(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Attack finding F8: the LoRA is saved before the export; the line says how to export it afterwards."""
+    import shlex
+
+    from diffusers import StableDiffusionPipeline
+
+    out, fused = tmp_path / "out", tmp_path / "fused"
+    with monkeypatch.context() as m:
+        m.setattr(StableDiffusionPipeline, "save_pretrained", _no_space)
+        code, err = _main(train_args(tiny_model_dir, data, out, "--export_fused_pipeline", str(fused), steps=2), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "no space left" in errors[0] and (out / LORA).is_file(), err
+    command = re.search(r"`(python export_fused_pipeline\.py [^`]*)`", err).group(1)
+    sys.path.insert(0, str(ROOT))
+    from export_fused_pipeline import main as export_main
+
+    assert export_main(shlex.split(command)[2:]) == 0  # the hint, followed as given
+    StableDiffusionPipeline.from_pretrained(fused)
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_refused(

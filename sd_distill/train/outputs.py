@@ -6,6 +6,7 @@ write into at all is :mod:`.ownership`'s question."""
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +20,7 @@ from ..constants import (
     MODEL_CARD_NAME,
     SUMMARY_FILE_NAME,
 )
-from ..files import (
-    strict_json,
-    write_atomically,
-)
+from ..files import OutputWriteError, strict_json, write_atomically
 from ..lora import adapter_metadata
 from ..models import torch_dtype
 from .averaging import WeightAverage
@@ -57,16 +55,29 @@ def save_final(
         if on_saved is not None:
             on_saved()
         if config.export_fused_pipeline:
-            export_fused_pipeline(
-                config.pretrained_model_name_or_path,
-                Path(config.output_dir),
-                config.export_fused_pipeline,
-                config.revision,
-                config.variant,
-                torch_dtype(config.export_dtype),
-            )
+            _export(config)
 
     main_process_writes(accelerator, write)
+
+
+def _export(config: TrainConfig) -> None:
+    """The fused export, after the LoRA is saved: a full disk here need not cost the training."""
+    out, target = Path(config.output_dir), config.export_fused_pipeline
+    try:
+        export_fused_pipeline(
+            config.pretrained_model_name_or_path,
+            out,
+            target,
+            config.revision,
+            config.variant,
+            torch_dtype(config.export_dtype),
+        )
+    except OutputWriteError as err:
+        redo = shlex.join(["python", "export_fused_pipeline.py", "--student", str(out), "--out", str(target)])
+        dtype = "" if config.export_dtype == "fp32" else f" --dtype {config.export_dtype}"
+        raise OutputWriteError(
+            f"{err} The student is saved in {out}: `{redo}{dtype}` exports it without training again.", err.no_space
+        ) from None
 
 
 def _write_final(weights: StudentWeights, model: Any, config: TrainConfig, averaged_steps: int = 0) -> None:
