@@ -61,7 +61,8 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_branch_aside(tiny_model_d
     (aside,) = out.glob("abandoned-*")  # the later branch: moved, not deleted
     assert (aside / "checkpoint-10" / "training_state.json").is_file()
     assert (aside / "pytorch_lora_weights.safetensors").is_file() and (aside / "train_summary.json").is_file()
-    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["first_step"] == 4  # what its figures cover (F5)
 
     _, training = run_training(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", steps=7))
     assert training.resume_from == out / "checkpoint-6" and training.start_step == 6

@@ -31,9 +31,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Stats:
-    """What a run measured; returned by :func:`train_loop` and written to ``train_summary.json``."""
+    """What a run measured; returned by :func:`train_loop` and written to ``train_summary.json``. A
+    resumed run measures only what it ran: its losses, seconds and speed cover the steps after
+    ``first_step`` (the checkpoint's step; 0 for a fresh run)."""
 
     global_step: int = 0
+    first_step: int = 0
     final_loss: float = float("nan")
     skipped_nonfinite: int = 0
     skipped_rows: int = 0  # rows whose image could not be decoded
@@ -84,7 +87,7 @@ def train_loop(tr: Training) -> Stats:
     from tqdm.auto import tqdm
 
     config, schedule = tr.config, tr.schedule
-    stats = Stats(global_step=tr.start_step)
+    stats = Stats(global_step=tr.start_step, first_step=tr.start_step)
     if tr.data.scan is not None:
         stats.skipped_rows, stats.empty_captions = tr.data.scan.bad_images, tr.data.scan.bad_captions
     bar = tqdm(
@@ -116,7 +119,7 @@ def train_loop(tr: Training) -> Stats:
         batches.close()
         bar.close()
     stats.seconds = time.perf_counter() - start_time
-    stats.steps_per_second = (stats.global_step - tr.start_step) / stats.seconds if stats.seconds > 0 else 0.0
+    stats.steps_per_second = (stats.global_step - stats.first_step) / stats.seconds if stats.seconds > 0 else 0.0
     if tr.accelerator.device.type == "cuda":
         stats.peak_gpu_memory_gb = torch.cuda.max_memory_allocated(tr.accelerator.device) / 1e9
     run.stop.restore()
