@@ -96,25 +96,27 @@ def test_two_process_deepspeed_trains_checkpoints_resumes_and_exports(
 
 
 @pytest.mark.parametrize(
-    "rank, file, kind, says",
+    "config, rank, file, kind, says",
     [
-        ("1", "zero_pp_rank_1", "enospc", "no space left on the device writing"),
-        ("0", "mp_rank_00_model_states", "enospc", "no space left on the device writing"),
-        ("1", "zero_pp_rank_1", "other", "writing '"),  # not the disk: still one line, no hang
+        ("cpu_2proc_zero2.yaml", "1", "zero_pp_rank_1", "enospc", "no space left on the device writing"),
+        ("cpu_2proc_zero2.yaml", "0", "mp_rank_00_model_states", "enospc", "no space left on the device writing"),
+        ("cpu_2proc_zero2.yaml", "1", "zero_pp_rank_1", "other", "writing '"),  # not the disk: one line, no hang
+        ("cpu_2proc_zero3.yaml", "1", "zero_pp_rank_1", "enospc", "no space left on the device writing"),
     ],
-    ids=["rank1-shard", "rank0-model", "rank1-other-error"],
+    ids=["rank1-shard", "rank0-model", "rank1-other-error", "zero3-rank1-shard"],
 )
 def test_a_failed_write_on_one_rank_mid_checkpoint_stops_both_at_once(
-    rank: str, file: str, kind: str, says: str, tiny_model_dir: Path, tmp_path: Path
+    config: str, rank: str, file: str, kind: str, says: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """DeepSpeed writes each rank's checkpoint files between two barriers: one rank's failed write (a
-    full disk) must not leave the other waiting in the second one until --ddp_timeout (attack finding F7)."""
+    """DeepSpeed runs collectives between and after the ranks' checkpoint writes (a barrier; under ZeRO-3
+    an all_gather too): one rank's failed write (a full disk) must not leave the others waiting in them
+    until --ddp_timeout (attack finding F7)."""
     data = write_image_folder(tmp_path / "data", n=4)
     out = tmp_path / "out"
     argv = train_args(tiny_model_dir, data, out, "--ddp_timeout", "90", steps=4)
     started = time.monotonic()
     proc = _launched(
-        "cpu_2proc_zero2.yaml", argv, tmp_path / "log", ROOT / "tests" / "faulty_train.py",
+        config, argv, tmp_path / "log", ROOT / "tests" / "faulty_train.py",
         SD_FAULT_RANK=rank, SD_FAULT_FILE=file, SD_FAULT_KIND=kind,
     )  # fmt: skip
     text = (tmp_path / "log").read_text()

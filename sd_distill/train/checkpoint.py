@@ -34,12 +34,13 @@ from ..files import (
     write_error,
 )
 from ..lora import adapter_metadata
-from .collective import first_failure
+from .collective import failure_line, first_failure
 from .integrity import count_custom_states
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+DEEPSPEED_TAG = "pytorch_model"  # the tag accelerate saves its (first) DeepSpeed model under
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -84,8 +85,6 @@ def launch_record(accelerator: Any, step: int) -> dict[str, Any]:
 def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect: Path | None = None) -> Path:
     """Write ``checkpoint-<step>``; every rank must call this (DeepSpeed saves collectively). On a
     failed write every rank raises :class:`OutputWriteError` and the earlier checkpoints stay."""
-    from accelerate.utils import DistributedType
-
     output_dir = Path(config.output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     needed = _expected_size(output_dir)
@@ -95,11 +94,7 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
         failure = _attempt(lambda: tmp.mkdir(parents=True), tmp, needed)
     failure = first_failure(accelerator, failure)
     if failure is None:
-        kwargs = (
-            {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        )
-        with _deepspeed_failures_meet_its_last_barrier(deepspeed_engine(accelerator)):
-            failure = _attempt(lambda: accelerator.save_state(str(tmp), **kwargs), tmp, needed)
+        failure = _attempt(lambda: _save_state(accelerator, tmp), tmp, needed)
         failure = first_failure(accelerator, failure)  # before the next collective: every rank skips it alike
     if failure is None:
         weights = student_weights(unet, deepspeed_engine(accelerator))  # collective under DeepSpeed
@@ -118,6 +113,19 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
     return final
 
 
+def _save_state(accelerator: Any, tmp: Path) -> None:
+    """``accelerator.save_state``: under DeepSpeed without the frozen base, and with its writes' failures
+    raised only after its collectives (:func:`_deepspeed_write_failures_deferred`)."""
+    engine = deepspeed_engine(accelerator)
+    if engine is None:
+        accelerator.save_state(str(tmp))
+        return
+    with _deepspeed_write_failures_deferred(engine) as failures:
+        accelerator.save_state(str(tmp), exclude_frozen_parameters=True, save_latest=False)
+    if failures:
+        raise failures[0]
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``. The same step written again (a run resumed and killed
     before it moved on) replaces the old folder only once the new one is in place."""
@@ -132,6 +140,8 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _write_own_files(tmp: Path, weights: StudentWeights, unet: Any, config: Any, accelerator: Any, step: int) -> None:
     save_student(weights, tmp, adapter_metadata(unet))
+    if deepspeed_engine(accelerator) is not None:  # the tag file DeepSpeed's own tools read (zero_to_fp32)
+        (tmp / "latest").write_text(DEEPSPEED_TAG)
     (tmp / CONFIG_FILE_NAME).write_text(config.to_json())
     record = {**launch_record(accelerator, step), "custom_states": count_custom_states(tmp)}
     (tmp / STATE_FILE_NAME).write_text(strict_json(record))
@@ -149,9 +159,8 @@ def _attempt(action: Any, path: Path, needed: int | None) -> str | None:
         action()
     except Exception as err:
         failed = as_write_error(err, path, needed)
-        if failed is None:  # not the disk: its traceback here, its line on every rank
-            logger.exception("writing %s failed", path)
-            return f"writing {str(path)!r} failed: {type(err).__name__}: {err}"
+        if failed is None:
+            return failure_line(err, path)
         return (_NO_SPACE_MARK if failed.no_space else "") + str(failed)
     return None
 
@@ -160,31 +169,41 @@ _NO_SPACE_MARK = "\0no-space\0"  # travels with the message to every rank
 
 
 @contextmanager
-def _deepspeed_failures_meet_its_last_barrier(engine: Any) -> Iterator[None]:
-    """DeepSpeed's ``save_checkpoint`` writes each rank's files (its own through ``torch.save``, the
-    recovery scripts and the ``latest`` tag with plain file calls) and then waits in one barrier. A rank
-    whose write raises leaves before that barrier, and the ranks that wrote theirs would wait in it until
-    ``--ddp_timeout`` (attack finding F7, a full disk). Here the failing rank joins that barrier on its
-    way out, so every rank leaves the save together and then agrees on its outcome."""
+def _deepspeed_write_failures_deferred(engine: Any) -> Iterator[list[BaseException]]:
+    """DeepSpeed's ``save_checkpoint`` runs collectives between and after each rank's writes (a barrier;
+    under ZeRO-3 also an all_gather). A rank whose write raised would leave it early while the others
+    wait in the next collective until ``--ddp_timeout`` (attack finding F7, a full disk). Inside this
+    block its writes record their first failure and skip the rest instead, so every rank runs every
+    collective; the caller raises the failure once ``save_checkpoint`` has returned. (Its ``latest``
+    tag, written with a bare ``open``, is ours to write: ``save_latest=False``.)"""
+    failures: list[BaseException] = []
     if engine is None:
-        yield
+        yield failures
         return
-    real = engine.save_checkpoint
 
-    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return real(*args, **kwargs)
-        except Exception:
-            import torch.distributed
+    def deferred(write: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> None:
+            if failures:
+                return
+            try:
+                write(*args, **kwargs)
+            except Exception as err:
+                failures.append(err)
 
-            torch.distributed.barrier()  # the one the ranks whose writes went through are waiting in
-            raise
+        return call
 
-    engine.save_checkpoint = save_checkpoint
+    writers = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]  # rank 0 copies two scripts
+    patched = [(obj, name, vars(obj).get(name)) for obj, name in writers if hasattr(obj, name)]
+    for obj, name, _ in patched:
+        setattr(obj, name, deferred(getattr(obj, name)))
     try:
-        yield
+        yield failures
     finally:
-        del engine.save_checkpoint  # the class's method again
+        for obj, name, own in patched:
+            if own is None:
+                delattr(obj, name)  # the class's method again
+            else:
+                setattr(obj, name, own)
 
 
 def _checkpoint_failure(failure: str, final: Path, needed: int | None) -> str:
