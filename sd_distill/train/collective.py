@@ -4,10 +4,14 @@ collective that the others have left."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..files import OutputWriteError
+
+logger = logging.getLogger(__name__)
 
 
 def first_failure(accelerator: Any, message: str | None) -> str | None:
@@ -56,3 +60,15 @@ def main_process_writes(accelerator: Any, write: Callable[[], None]) -> None:
         raise error
     if failure is not None:
         raise OutputWriteError(failure)
+
+
+def failure_line(err: Exception, path: str | Path) -> str:
+    """A failed write that is not about the disk, as the one line every rank learns (its traceback is
+    logged here, on the rank that had it). A failed collective itself (a dead peer, a timeout) is raised
+    again: no rank is left to agree with."""
+    import torch.distributed
+
+    if isinstance(err, torch.distributed.DistError):
+        raise err
+    logger.error("writing %s failed", path, exc_info=err)
+    return f"writing {str(path)!r} failed: {type(err).__name__}: {err}"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..files import as_write_error, temp_sibling
+from .collective import failure_line
 from .config import ConfigError
 
 CHUNK = 16  # rows per chunk: one VAE / text-encoder batch
@@ -101,8 +102,8 @@ def write_atomic(path: Path, write: Callable[[Path], Any], size: int, flag: str 
     except Exception as exc:  # safetensors' full disk is a SafetensorError ("os error 28"), not an OSError
         tmp.unlink(missing_ok=True)
         failed = as_write_error(exc, path, size)
-        if failed is None:
-            raise
+        if failed is None:  # still every rank's line: the ranks agree on the outcome next
+            return failure_line(exc, path)
         if failed.no_space:
             return f"disk full writing {path}: it needs {_mb(size)}, {_mb(free_bytes(path.parent))} free there; " + (
                 f"free some space or point {flag} at another disk."

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from ..conditioning import UnconditionedView
-from ..files import OutputWriteError, write_error
+from ..files import write_error
 from ..lora import adapter_disabled
 from ..models import Components
-from .collective import first_failure
+from .collective import main_process_writes
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,8 @@ def run_validation(
     follows ``step-<step>`` in their folder and the tracker's tag (``mean``: the averaged student)."""
     with encoders_on(components, accelerator.device):
         images = _render(accelerator, model, separate_teacher, components, config, weight_dtype)
-    failure = _write(accelerator, images, config, step, name) if accelerator.is_main_process else None
-    failure = first_failure(accelerator, failure)  # a full disk: every rank stops with one line
-    if failure is not None:
-        raise OutputWriteError(failure)
+    # a full disk, or a tracker that fails: every rank stops with one line, none waits for the main one
+    main_process_writes(accelerator, lambda: _write(accelerator, images, config, step, name))
 
 
 @contextmanager
@@ -107,8 +105,8 @@ def _render(
     return images
 
 
-def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int, name: str) -> str | None:
-    """The images and the tracker's copy; the one-line reason when the disk refused them."""
+def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, step: int, name: str) -> None:
+    """The images and the tracker's copy (:class:`OutputWriteError` when the disk refused them)."""
     import numpy as np
 
     folder = Path(config.output_dir) / "validation" / "-".join(filter(None, (f"step-{step}", name)))
@@ -119,7 +117,7 @@ def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, 
             images["teacher"][i].save(folder / f"{i:02d}-teacher-w{config.guidance_scale:g}.png")
         (folder / "prompts.json").write_text(json.dumps(config.prompts_for_validation, indent=2))
     except OSError as err:  # the checkpoints are intact
-        return str(write_error(err, folder))
+        raise write_error(err, folder) from None
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for side, imgs in images.items():
@@ -127,4 +125,3 @@ def _write(accelerator: Any, images: dict[str, list[Any]], config: TrainConfig, 
                 tag = "/".join(filter(None, ("validation", name, side)))
                 tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
     logger.info("validation images for step %d in %s", step, folder)
-    return None
