@@ -134,13 +134,48 @@ def test_an_overwrite_run_that_fails_at_its_lora_goes_on_from_its_set_aside_chec
     code, err = _main(
         train_args(tiny_model_dir, data, out, *again, "--resume_from_checkpoint", "latest", steps=4), capsys
     )
-    assert code == 2 and "run started after it failed" in err and go_on in err and err.count("\n") == 1, err
+    assert code == 2 and "run that was replacing it failed" in err and go_on in err and err.count("\n") == 1, err
+    assert (out / LORA).read_bytes() == previous
+
+    code, err = _main(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", str(kept), steps=4), capsys)
+    assert code == 2 and "pass --overwrite_output_dir to replace that run" in err  # never mixed into it silently
     assert (out / LORA).read_bytes() == previous
 
     run_training(train_args(tiny_model_dir, data, out, *again, "--resume_from_checkpoint", str(kept), steps=4))
     ours, whole = load_file(str(out / LORA)), load_file(str(tmp_path / "whole" / LORA))
     assert ours.keys() == whole.keys() and all(torch.equal(ours[k], whole[k]) for k in ours)  # bit-identical
     assert not list(out.glob(".sd-distill-previous-*"))  # the previous run was replaced, once this LoRA existed
+    code, err = _main(
+        train_args(tiny_model_dir, data, out, *again, "--resume_from_checkpoint", "latest", steps=4), capsys
+    )
+    assert code == 0  # this run is the folder's now: nothing to do, no pointer to its own set-aside checkpoint
+
+
+def test_latest_after_a_resume_from_an_earlier_step_is_not_taken_for_a_failed_replacement(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The later branch a resume from an earlier step sets aside is not a failed --overwrite_output_dir run."""
+    out = tmp_path / "out"
+    run_training(train_args(tiny_model_dir, data, out, steps=4))
+    run_training(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", str(out / "checkpoint-2"), steps=4))
+    assert list(out.glob("abandoned-*/checkpoint-4"))
+    code, err = _main(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", steps=4), capsys)
+    assert code == 0, err
+
+
+def test_a_damaged_checkpoint_of_a_failed_replacement_is_not_pointed_to(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import sd_distill.train.outputs as outputs
+
+    out = tmp_path / "out"
+    run_training(train_args(tiny_model_dir, data, out, steps=2))
+    with monkeypatch.context() as m:
+        m.setattr(outputs, "save_student", _lora_disk_full)
+        assert _main(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", steps=2), capsys)[0] == 2
+    (out / _only(out, "abandoned-") / "checkpoint-2" / "training_state.json").write_text("{not json")
+    code, err = _main(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", steps=2), capsys)
+    assert code == 0 and "Traceback" not in err  # the finished run: nothing to do
 
 
 def test_a_failed_resume_of_a_set_aside_checkpoint_puts_the_finished_run_back(

@@ -26,6 +26,9 @@ from .config import TrainConfig
 
 LOCK_NAME = ".sd-distill.lock"
 ABANDONED_PREFIX = "abandoned-"  # outputs of a run that a resume from an earlier step left behind
+# the outputs of an --overwrite_output_dir run that failed, the run it was replacing put back (a name,
+# not a file in it: the disk may be full); renamed to a plain abandoned-* once a later run finishes
+FAILED_REPLACEMENT_PREFIX = ABANDONED_PREFIX + "failed-overwrite-"
 PREVIOUS_PREFIX = ".sd-distill-previous-"  # a run being replaced by --overwrite_output_dir
 SHARED_TOKEN_PREFIX = ".sd-distill-shared-"  # the shared-disk check's token
 CARD_TAG = "sd-distill"  # in our model card's front matter

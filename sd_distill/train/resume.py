@@ -11,11 +11,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..constants import LORA_WEIGHTS_NAME, STATE_FILE_NAME, SUMMARY_FILE_NAME
+from ..constants import LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME
 from .checkpoint import list_checkpoints, read_step
 from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 from .integrity import checkpoint_damage, launch_mismatch, read_json_object
-from .ownership import ABANDONED_PREFIX
+from .ownership import FAILED_REPLACEMENT_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def pick_resume(config: TrainConfig, launch: dict[str, Any]) -> tuple[Path | Non
         path = Path(config.resume_from_checkpoint)
         if not path.is_dir():
             return None, []  # config_errors already says it is not a folder
-        errors = _damage_errors(path)
+        errors = _damage_errors(path) or _elsewhere_errors(path, config)
         if errors:
             return None, errors
     errors = launch_mismatch(path, **launch) + compatibility_errors(path, config)
@@ -109,6 +109,22 @@ def _newest_complete(output_dir: Path) -> tuple[Path | None, list[str]]:
         "no earlier checkpoint in the folder is complete either: restore the missing files, or start again "
         "with --overwrite_output_dir (or another --output_dir)",
     )
+
+
+def _elsewhere_errors(path: Path, config: TrainConfig) -> list[str]:
+    """A checkpoint from outside ``--output_dir`` continues a run that would mix with the one already
+    there (its checkpoints, its finished LoRA): only --overwrite_output_dir, which sets that run aside
+    whole, may do so."""
+    out = Path(config.output_dir)
+    if config.overwrite_output_dir or path.resolve().parent == out.resolve():
+        return []
+    if finished_run(out) is None and not list_checkpoints(out):
+        return []
+    return [
+        f"--resume_from_checkpoint {str(path)!r} is not in --output_dir {str(out)!r}, which holds a run of its "
+        "own: pass --overwrite_output_dir to replace that run (it is kept until the new LoRA is written), or "
+        "choose another --output_dir."
+    ]
 
 
 def _damage_errors(path: Path, more: str = "resume from an earlier checkpoint-<step> folder") -> list[str]:
@@ -226,33 +242,28 @@ def _latest_after_a_failed_replacement(out: Path) -> str | None:
     if failed is None:
         return None
     own = list_checkpoints(out)
-    other = f"; to go on with the finished run: --resume_from_checkpoint {shlex.quote(str(own[-1]))}" if own else ""
+    other = (
+        f"; to train the finished run further: raise --max_train_steps, with --resume_from_checkpoint "
+        f"{shlex.quote(str(own[-1]))}"
+        if own
+        else ""
+    )
     return (
         f"--resume_from_checkpoint latest: the run in {str(out)!r} finished its {done} steps, but an "
-        f"--overwrite_output_dir run started after it failed and left {str(failed)!r} (step {read_step(failed)}). "
+        f"--overwrite_output_dir run that was replacing it failed and left {str(failed)!r} (step {read_step(failed)}). "
         f"To go on with that run: --resume_from_checkpoint {shlex.quote(str(failed))} --overwrite_output_dir"
         f"{other}; to keep the finished run as it is, use its LoRA and leave out --resume_from_checkpoint."
     )
 
 
 def _failed_replacement(out: Path) -> Path | None:
-    """The newest checkpoint that a failed ``--overwrite_output_dir`` run left set aside in ``out`` after
-    the finished run there ended (the failure put that run back; its own outputs went to abandoned-*/)."""
-    finished_at = _mtime(out / SUMMARY_FILE_NAME)
-    later = [
-        (mtime, checkpoint)
-        for folder in out.glob(ABANDONED_PREFIX + "*")
-        for checkpoint in list_checkpoints(folder)
-        if (mtime := _mtime(checkpoint / STATE_FILE_NAME)) > finished_at
-    ]
-    return max(later)[1] if later else None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:  # a damaged checkpoint: not one to point anyone to
-        return float("-inf")
+    """The newest whole checkpoint of the newest failed ``--overwrite_output_dir`` run whose outputs
+    :meth:`~.rundir.RunDir.failed` set aside in ``out``."""
+    for folder in sorted(out.glob(FAILED_REPLACEMENT_PREFIX + "*"), reverse=True):  # named by the time
+        whole = [c for c in list_checkpoints(folder) if not checkpoint_damage(c)]
+        if whole:
+            return whole[-1]
+    return None
 
 
 def honour_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:

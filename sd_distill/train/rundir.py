@@ -27,6 +27,7 @@ from .collective import all_true, first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .ownership import (
     ABANDONED_PREFIX,
+    FAILED_REPLACEMENT_PREFIX,
     LOCK_NAME,
     PREVIOUS_PREFIX,
     SHARED_TOKEN_PREFIX,
@@ -169,12 +170,14 @@ class RunDir:
         for old in self.out.glob(PREVIOUS_PREFIX + "*"):
             remove_quietly(old)
             logger.info("removed the replaced run %s", old)
+        for failed in self.out.glob(FAILED_REPLACEMENT_PREFIX + "*"):  # `latest` continues this run now
+            os.replace(failed, self.out / (ABANDONED_PREFIX + failed.name[len(FAILED_REPLACEMENT_PREFIX) :]))
         self.previous = None
 
     def failed(self) -> None:
         """The run stops with an error: put a run it was replacing back in place; release the lock."""
         if self.is_main and self.previous is not None and self.previous.is_dir() and self.config is not None:
-            partial = _set_aside(self.out, _replaced_outputs(self.out, self.config), ABANDONED_PREFIX)
+            partial = _set_aside(self.out, _replaced_outputs(self.out, self.config), FAILED_REPLACEMENT_PREFIX)
             for name in sorted(os.listdir(self.previous)):
                 os.replace(self.previous / name, self.out / name)
             remove_quietly(self.previous)
@@ -184,7 +187,7 @@ class RunDir:
                 f" (this run's partial outputs are in {partial})" if partial else "",
             )
             kept = list_checkpoints(partial) if partial else []
-            if kept:  # `latest` now finds the previous run finished: say how to go on with this one
+            if kept:
                 logger.warning(
                     "to go on with this run rather than start it again: --resume_from_checkpoint %s "
                     "--overwrite_output_dir",
