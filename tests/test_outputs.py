@@ -151,6 +151,45 @@ def test_an_overwrite_run_that_fails_at_its_lora_goes_on_from_its_set_aside_chec
     assert code == 0  # this run is the folder's now: nothing to do, no pointer to its own set-aside checkpoint
 
 
+def test_a_run_that_finishes_later_is_not_taken_for_the_run_a_failed_replacement_was_replacing(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """An unfinished run, an --overwrite_output_dir run over it that fails, then a plain run that finishes:
+    `latest` has nothing to do (the failed run was never replacing this one)."""
+    import sd_distill.train.outputs as outputs
+
+    out, one_step = tmp_path / "out", ("--checkpointing_steps", "1")
+    with monkeypatch.context() as m:
+        m.setattr(outputs, "save_student", _lora_disk_full)
+        assert _main(train_args(tiny_model_dir, data, out, "--checkpointing_steps", "5", steps=1), capsys)[0] == 2
+        assert (
+            _main(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", *one_step, steps=1), capsys)[0] == 2
+        )
+    assert list(out.glob("abandoned-failed-overwrite-*/checkpoint-1"))
+    run_training(train_args(tiny_model_dir, data, out, *one_step, steps=1))
+    code, err = _main(train_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", steps=1), capsys)
+    assert code == 0, err
+
+
+def test_a_disk_too_full_to_set_the_failed_run_aside_still_ends_with_its_own_line(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import sd_distill.train.outputs as outputs
+    import sd_distill.train.rundir as rundir
+
+    out = tmp_path / "out"
+    run_training(train_args(tiny_model_dir, data, out, steps=2))
+    monkeypatch.setattr(outputs, "save_student", _lora_disk_full)
+    real = rundir._set_aside
+    monkeypatch.setattr(
+        rundir, "_set_aside", lambda o, paths, prefix: _no_space() if "failed" in prefix else real(o, paths, prefix)
+    )
+    code, err = _main(train_args(tiny_model_dir, data, out, "--overwrite_output_dir", steps=2), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "no space left" in errors[0] and "Traceback" not in err, err
+    assert list(out.glob(".sd-distill-previous-*/" + LORA))  # where the message logged says it is
+
+
 def test_latest_after_a_resume_from_an_earlier_step_is_not_taken_for_a_failed_replacement(
     tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

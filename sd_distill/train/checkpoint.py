@@ -34,7 +34,7 @@ from ..files import (
     write_error,
 )
 from ..lora import adapter_metadata
-from .collective import failure_line, first_failure
+from .collective import failure_line, first_failure, main_process_writes, raise_if_collective
 from .integrity import count_custom_states
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,16 @@ def save_checkpoint(accelerator: Any, unet: Any, config: Any, step: int, protect
         if accelerator.is_main_process:
             remove_quietly(tmp)
         raise OutputWriteError(_checkpoint_failure(failure, final, needed))
-    if accelerator.is_main_process:
-        _publish(tmp, final)
+
+    def publish() -> None:
+        try:
+            _publish(tmp, final)
+        except OSError as err:  # e.g. an fsync refused on a network disk
+            raise write_error(err, final, kept="the earlier checkpoints are intact") from None
         rotate(output_dir, config.checkpoints_total_limit, newest=final, protect=protect)
         logger.info("saved %s (%.2f MB)", final, folder_size(final) / 2**20)
-    accelerator.wait_for_everyone()
+
+    main_process_writes(accelerator, publish)  # also the barrier: no rank goes on before it is in place
     return final
 
 
@@ -158,6 +163,7 @@ def _attempt(action: Any, path: Path, needed: int | None) -> str | None:
     try:
         action()
     except Exception as err:
+        raise_if_collective(err)
         failed = as_write_error(err, path, needed)
         if failed is None:
             return failure_line(err, path)
@@ -192,7 +198,12 @@ def _deepspeed_write_failures_deferred(engine: Any) -> Iterator[list[BaseExcepti
 
         return call
 
-    writers = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]  # rank 0 copies two scripts
+    writers = [
+        (engine.checkpoint_engine, "save"),
+        (engine.checkpoint_engine, "makedirs"),  # else torch.save's "parent directory does not exist" hides why
+        (engine, "_copy_recovery_script"),  # rank 0 copies two scripts
+        (shutil, "copytree"),  # NVMe-offloaded optimizer state: imported from shutil at the call
+    ]
     patched = [(obj, name, vars(obj).get(name)) for obj, name in writers if hasattr(obj, name)]
     for obj, name, _ in patched:
         setattr(obj, name, deferred(getattr(obj, name)))

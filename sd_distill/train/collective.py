@@ -62,13 +62,18 @@ def main_process_writes(accelerator: Any, write: Callable[[], None]) -> None:
         raise OutputWriteError(failure)
 
 
-def failure_line(err: Exception, path: str | Path) -> str:
-    """A failed write that is not about the disk, as the one line every rank learns (its traceback is
-    logged here, on the rank that had it). A failed collective itself (a dead peer, a timeout) is raised
-    again: no rank is left to agree with."""
+def raise_if_collective(err: Exception) -> None:
+    """A failed collective itself (a dead peer, a timeout) is raised as it is: no rank is left to agree
+    with (check it first: on a nearly full disk it would pass for a full one)."""
     import torch.distributed
 
     if isinstance(err, torch.distributed.DistError):
         raise err
+
+
+def failure_line(err: Exception, path: str | Path) -> str:
+    """A failed write that is not about the disk, as the one line every rank learns (its traceback is
+    logged here, on the rank that had it)."""
+    raise_if_collective(err)
     logger.error("writing %s failed", path, exc_info=err)
     return f"writing {str(path)!r} failed: {type(err).__name__}: {err}"

@@ -15,7 +15,7 @@ from ..constants import LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME
 from .checkpoint import list_checkpoints, read_step
 from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 from .integrity import checkpoint_damage, launch_mismatch, read_json_object
-from .ownership import FAILED_REPLACEMENT_PREFIX
+from .ownership import FAILED_REPLACEMENT_PREFIX, PREVIOUS_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _elsewhere_errors(path: Path, config: TrainConfig) -> list[str]:
     out = Path(config.output_dir)
     if config.overwrite_output_dir or path.resolve().parent == out.resolve():
         return []
-    if finished_run(out) is None and not list_checkpoints(out):
+    if finished_run(out) is None and not list_checkpoints(out) and not any(out.glob(PREVIOUS_PREFIX + "*")):
         return []
     return [
         f"--resume_from_checkpoint {str(path)!r} is not in --output_dir {str(out)!r}, which holds a run of its "

@@ -165,17 +165,32 @@ class RunDir:
     def discard_previous(self) -> None:
         """The new LoRA is written: the run it replaces can go (also one that an interrupted
         --overwrite_output_dir run set aside, once a resume of it finishes)."""
-        if not self.is_main or not self.replaces:
+        if not self.is_main:
+            return
+        for failed in self.out.glob(FAILED_REPLACEMENT_PREFIX + "*"):  # any run that finishes: `latest` is its
+            os.replace(failed, self.out / (ABANDONED_PREFIX + failed.name[len(FAILED_REPLACEMENT_PREFIX) :]))
+        if not self.replaces:
             return
         for old in self.out.glob(PREVIOUS_PREFIX + "*"):
             remove_quietly(old)
             logger.info("removed the replaced run %s", old)
-        for failed in self.out.glob(FAILED_REPLACEMENT_PREFIX + "*"):  # `latest` continues this run now
-            os.replace(failed, self.out / (ABANDONED_PREFIX + failed.name[len(FAILED_REPLACEMENT_PREFIX) :]))
         self.previous = None
 
     def failed(self) -> None:
-        """The run stops with an error: put a run it was replacing back in place; release the lock."""
+        """The run stops with an error: put a run it was replacing back in place; release the lock. Never
+        raises over the run's own error (a full disk may refuse even the folder the run is set aside in)."""
+        try:
+            self._put_previous_back()
+        except OSError as err:
+            logger.error(
+                "could not put the previous run back (%s): it is in %s, this run's outputs in %s",
+                err,
+                self.previous,
+                self.out,
+            )
+        self.release()
+
+    def _put_previous_back(self) -> None:
         if self.is_main and self.previous is not None and self.previous.is_dir() and self.config is not None:
             partial = _set_aside(self.out, _replaced_outputs(self.out, self.config), FAILED_REPLACEMENT_PREFIX)
             for name in sorted(os.listdir(self.previous)):
@@ -194,7 +209,6 @@ class RunDir:
                     kept[-1],
                 )
             self.previous = None
-        self.release()
 
     def release(self) -> None:
         if self.lock is not None:

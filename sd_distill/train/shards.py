@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..files import as_write_error, temp_sibling
-from .collective import failure_line
+from ..files import as_write_error, remove_quietly, temp_sibling
+from .collective import failure_line, raise_if_collective
 from .config import ConfigError
 
 CHUNK = 16  # rows per chunk: one VAE / text-encoder batch
@@ -100,7 +100,8 @@ def write_atomic(path: Path, write: Callable[[Path], Any], size: int, flag: str 
         os.replace(tmp, path)
         return None
     except Exception as exc:  # safetensors' full disk is a SafetensorError ("os error 28"), not an OSError
-        tmp.unlink(missing_ok=True)
+        raise_if_collective(exc)
+        remove_quietly(tmp)  # a read-only disk refuses even unlinking a file that is not there
         failed = as_write_error(exc, path, size)
         if failed is None:  # still every rank's line: the ranks agree on the outcome next
             return failure_line(exc, path)

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from ..files import remove_stale_temps
+from ..files import remove_stale_temps, write_error
 from ..guidance import GuidanceScales, teacher_cfg_prediction
 from ..models import Components
+from .collective import main_process_writes
 from .loader import epoch_and_index
 from .shards import agree_on_error, every_rank, nbytes, space_error, world_and_rank, write_atomic
 from .targets import Teacher
@@ -217,11 +218,18 @@ def _check_all_visible(folder: Path, spec: TrajectorySpec, accelerator: Any) -> 
 def _check_spec(folder: Path, spec: TrajectorySpec, accelerator: Any) -> None:
     """The folder holds this spec's buffer or nothing (its name is the spec's hash; the file says why)."""
     path = folder / SPEC_FILE
-    if accelerator.is_main_process and not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": spec.key, **asdict(spec)}, indent=2))
-        os.replace(tmp, path)
-    accelerator.wait_for_everyone()
+
+    def write_spec() -> None:
+        if path.exists():
+            return
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": spec.key, **asdict(spec)}, indent=2))
+            os.replace(tmp, path)
+        except OSError as err:  # a full or read-only disk: every rank's line, none left waiting
+            raise write_error(err, path) from None
+
+    main_process_writes(accelerator, write_spec)  # also the barrier: every rank reads it next
     recorded = json.loads(path.read_text()).get("key")
     if recorded != spec.key:
         from .config import ConfigError
