@@ -58,6 +58,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def outside(checkpoint: Path, output_dir: Path) -> bool:
+    """Whether ``checkpoint`` is not one of ``output_dir``'s own (e.g. one a failed run set aside)."""
+    return checkpoint.resolve().parent != output_dir.resolve()
+
+
 def read_step(path: Path) -> int:
     return int(json.loads((path / STATE_FILE_NAME).read_text())["global_step"])
 

@@ -72,8 +72,7 @@ def raise_if_collective(err: Exception) -> None:
 
 
 def failure_line(err: Exception, path: str | Path) -> str:
-    """A failed write that is not about the disk, as the one line every rank learns (its traceback is
-    logged here, on the rank that had it)."""
-    raise_if_collective(err)
+    """A failed write that is not about the disk (and not a collective's: :func:`raise_if_collective`
+    first), as the one line every rank learns (its traceback is logged here, on the rank that had it)."""
     logger.error("writing %s failed", path, exc_info=err)
     return f"writing {str(path)!r} failed: {type(err).__name__}: {err}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import LORA_WEIGHTS_NAME, SUMMARY_FILE_NAME
-from .checkpoint import list_checkpoints, read_step
+from .checkpoint import list_checkpoints, outside, read_step
 from .config import GUIDANCE_OPTIONS_OFF, ConfigError, TrainConfig
 from .integrity import checkpoint_damage, launch_mismatch, read_json_object
 from .ownership import FAILED_REPLACEMENT_PREFIX, PREVIOUS_PREFIX
@@ -116,7 +116,7 @@ def _elsewhere_errors(path: Path, config: TrainConfig) -> list[str]:
     there (its checkpoints, its finished LoRA): only --overwrite_output_dir, which sets that run aside
     whole, may do so."""
     out = Path(config.output_dir)
-    if config.overwrite_output_dir or path.resolve().parent == out.resolve():
+    if config.overwrite_output_dir or not outside(path, out):
         return []
     if finished_run(out) is None and not list_checkpoints(out) and not any(out.glob(PREVIOUS_PREFIX + "*")):
         return []

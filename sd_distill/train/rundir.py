@@ -22,7 +22,7 @@ from ..constants import (
     SUMMARY_FILE_NAME,
 )
 from ..files import fsync_dir, remove_quietly, remove_stale_temps, write_atomically, write_error
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, outside
 from .collective import all_true, first_failure, from_main
 from .config import ConfigError, TrainConfig
 from .ownership import (
@@ -149,7 +149,7 @@ class RunDir:
             )
         # a checkpoint kept elsewhere (e.g. the one a failed --overwrite_output_dir run left in abandoned-*/)
         # continues a run that replaces this folder's: set that run aside whole, as a fresh overwrite does
-        elsewhere = resume_from is not None and resume_from.resolve().parent != self.out.resolve()
+        elsewhere = resume_from is not None and outside(resume_from, self.out)
         if config.overwrite_output_dir and (resume_step is None or elsewhere):
             self.previous = _set_aside(self.out, _replaced_outputs(self.out, config), PREVIOUS_PREFIX)
             if self.previous is not None:
